@@ -1,0 +1,32 @@
+# The two commands of the README: `make test` (and, once the launcher runs jobs, `make demo`).
+# Both create .venv on first use; nothing beyond Python (with headers) and a C compiler is needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.oobleck-installed
+PYTEST_ARGS ?=
+NATIVE := $(wildcard native/src/*.c native/src/*.h native/include/*.h) native/build.py native/planner.cdef
+
+.PHONY: test lint install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Editable install: compiles native/ into the cffi extension; redone when the C sources or
+# the package metadata change.
+$(STAMP): $(PY) pyproject.toml setup.py $(NATIVE)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info native/planner/_native*.so native/planner/_native.c

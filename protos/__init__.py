@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for the oobleck.v1 API (see scripts/gen_protos.py)."""
