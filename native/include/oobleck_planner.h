@@ -57,6 +57,24 @@ const char *obk_version(void);
 obk_status obk_validate_profile(const obk_layer *layers, int32_t num_layers,
                                 char *err, size_t err_len);
 
+/* ---- Cluster (shared by the sections below) ---------------------------------------- */
+/* Mirrors oobleck.planner.types.Cluster; bandwidths in bytes per second. */
+typedef struct {
+    int32_t num_nodes;
+    int32_t gpus_per_node;
+    double gpu_memory_bytes;
+    double reserved_bytes;
+    double intra_node_bytes_per_s;
+    double inter_node_bytes_per_s;
+    double optimizer_state_factor;
+} obk_cluster;
+
+/* ---- Templates and node specification (native/src/templates.c) --------------------- */
+
+/* ---- Instantiation and batch distribution (native/src/instantiate.c) --------------- */
+
+/* ---- Reconfiguration and layer-copy plan (native/src/reconfigure.c) ---------------- */
+
 #ifdef __cplusplus
 }
 #endif
