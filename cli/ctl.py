@@ -14,7 +14,10 @@ Administer an Oobleck job cluster.
 
 def build_parser():
     parser = base_parser("oobleckctl", DESCRIPTION)
-    parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    from oobleck.cli.plan import add_plan_command
+
+    add_plan_command(subparsers)
     return parser
 
 
@@ -25,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if getattr(args, "func", None) is not None:
+        return args.func(args)
     return 0
 
 

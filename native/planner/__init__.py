@@ -9,6 +9,7 @@ from oobleck.planner.errors import (
     InvalidInputError,
     PlannerError,
 )
+from oobleck.planner.instantiate import distribute_batch, instantiate
 from oobleck.planner.native import native_version
 from oobleck.planner.profile import (
     PROFILE_FORMAT,
@@ -18,6 +19,8 @@ from oobleck.planner.profile import (
     parse_profile,
     validate_profile,
 )
+from oobleck.planner.reconfigure import reconfigure, reconfigure_pipelines
+from oobleck.planner.templates import plan_templates
 
 __all__ = [
     "PROFILE_FORMAT",
@@ -29,5 +32,10 @@ __all__ = [
     "load_profile",
     "native_version",
     "parse_profile",
+    "plan_templates",
     "validate_profile",
+    "distribute_batch",
+    "instantiate",
+    "reconfigure",
+    "reconfigure_pipelines",
 ]

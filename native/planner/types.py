@@ -179,3 +179,4 @@ class Reconfiguration:
     copy_ms: float = 0.0
     restore_layers: tuple[int, ...] = ()  # layers with no surviving copy: restore from checkpoint
     reason: str = ""
+    spares: tuple[int, ...] = ()  # survivors left out when re-instantiation cannot use every node
