@@ -1,0 +1,158 @@
+"""Any plan trains exactly like the single-process reference (gloo on CPU, real processes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from worker_testutil import STEPS, assert_matches_reference, assert_params_match, reference, tiny_spec
+
+from oobleck.common.jobspec import OptimizerSpec
+from oobleck.planner.types import Stage, Template
+from oobleck.worker.engine import DistInit, TrainingEngine
+from oobleck.worker.layout import PipelineSpec, PlanSpec, simple_plan
+from oobleck.worker.local import RankFailed, reconfigure_ranks, run_ranks, train_ranks
+
+PLANS = {
+    "one-4-stage": ([[1, 1, 1, 1]], [8]),
+    "2+2": ([[2, 2], [2, 2]], [3, 5]),
+    "2+3-heterogeneous": ([[3, 1], [1, 2, 1]], [5, 3]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt", "hf-gpt2"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+def test_plan_equals_single_process(model: str, plan_name: str) -> None:
+    spec = tiny_spec(model)
+    plan = simple_plan(*PLANS[plan_name])
+    results = run_ranks(plan.world_size, train_ranks, (spec, plan, STEPS))
+    assert_matches_reference(spec, results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["hf-bert", "hf-llama"])
+def test_other_hf_models_heterogeneous(model: str) -> None:
+    spec = tiny_spec(model, config={"tie_embeddings": model == "hf-bert"})
+    plan = simple_plan(*PLANS["2+3-heterogeneous"])
+    results = run_ranks(plan.world_size, train_ranks, (spec, plan, STEPS))
+    assert_matches_reference(spec, results)
+
+
+@pytest.mark.slow
+def test_gpipe_untied_sgd_matches() -> None:
+    spec = tiny_spec(
+        "gpt",
+        config={"tie_embeddings": False},
+        schedule="gpipe",
+        optimizer=OptimizerSpec(name="sgd", lr=0.1, momentum=0.9),
+    )
+    plan = simple_plan([[2, 2], [1, 2, 1]], [4, 4])
+    results = run_ranks(plan.world_size, train_ranks, (spec, plan, STEPS))
+    assert_matches_reference(spec, results)
+
+
+@pytest.mark.slow
+def test_multi_gpu_stage_lanes_match() -> None:
+    """Two GPUs per node: a 2-lane stage feeding two 1-lane stages; microbatches of 3 split 1+2."""
+    spec = tiny_spec("gpt", microbatch_size=3, global_batch_size=12)
+    tpl = Template(
+        num_nodes=2,
+        stages=(
+            Stage((0, 2), node=0, gpus=2, latency_ms=0.0, memory_bytes=0),
+            Stage((2, 3), node=1, gpus=1, latency_ms=0.0, memory_bytes=0),
+            Stage((3, 4), node=1, gpus=1, latency_ms=0.0, memory_bytes=0),
+        ),
+        iteration_ms=0.0,
+        bottleneck_ms=0.0,
+    )
+    plan = PlanSpec(
+        pipelines=(PipelineSpec((10, 11), 4),),
+        templates={2: tpl},
+        ranks={10: (0, 1), 11: (2, 3)},
+        gpus_per_node=2,
+    )
+    results = run_ranks(plan.world_size, train_ranks, (spec, plan, STEPS))
+    assert_matches_reference(spec, results)
+
+
+@pytest.mark.slow
+def test_failed_step_is_not_committed_anywhere() -> None:
+    """Rank 3 fails after the backward of step 1: every rank reports the failure, nobody applies
+    the update, the step is retried and the run still equals the reference."""
+    spec = tiny_spec("gpt")
+    plan = simple_plan(*PLANS["2+3-heterogeneous"])
+    results = run_ranks(plan.world_size, train_ranks, (spec, plan, STEPS, {"fail_at": (3, 1)}))
+    assert [r["failed_steps"] for r in results] == [[1]] * plan.world_size
+    assert_matches_reference(spec, results)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt", "hf-gpt2"])
+def test_reconfigurations_keep_training_exact(model: str) -> None:
+    """Generation 0: processes 0-3 as 2 + 2 (process 4 idle). Generation 1: process 4 joins
+    fresh, 2 + 3. Generation 2: process 0 fails, the rest run one 4-stage pipeline. Layers and
+    optimizer state move between processes; the whole run equals the reference."""
+    spec = tiny_spec(model, steps=4)
+    gens = [
+        (simple_plan([[2, 2], [2, 2]], [3, 5]), 1, {0: 0, 1: 1, 2: 2, 3: 3}),
+        (simple_plan([[3, 1], [1, 2, 1]], [5, 3]), 2, {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}),
+        (simple_plan([[1, 1, 1, 1]], [8]), 1, {1: 0, 2: 1, 3: 2, 4: 3}),
+    ]
+    results = run_ranks(5, reconfigure_ranks, (spec, gens))
+    ref_losses, _ = reference(spec, 4)
+    for process, res in enumerate(results):
+        ran = [0, 1, 2] if process == 0 else [1, 2, 3] if process == 4 else [0, 1, 2, 3]
+        assert sorted(res["losses"]) == ran
+        assert [res["losses"][s] for s in ran] == pytest.approx([ref_losses[s] for s in ran], rel=1e-5)
+    assert [len(r["phases"]) for r in results] == [1, 2, 2, 2, 1]  # reconfigurations per process
+    assert results[0]["params"] == {}  # the failed process holds nothing at the end
+    assert_params_match(spec, results[1:], steps=4)
+
+
+@pytest.mark.slow
+def test_layers_with_no_surviving_copy_are_reported() -> None:
+    spec = tiny_spec("gpt")
+    gens = [
+        (simple_plan([[2, 2], [2, 2]], [3, 5]), 1, {0: 0, 1: 1, 2: 2, 3: 3}),
+        (simple_plan([[2, 2]], [8]), 1, {1: 0, 3: 1}),  # processes 0 and 2 held layers 0-1
+    ]
+    with pytest.raises(RankFailed, match=r"no surviving copy of layers \[0, 1\]: restore from checkpoint"):
+        run_ranks(4, reconfigure_ranks, (spec, gens))
+
+
+def test_single_rank_through_tcp_store() -> None:
+    """One rank holding the whole model, joining through a TCPStore client (as under an agent)."""
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    spec = tiny_spec("gpt")
+    engine = TrainingEngine(spec, simple_plan([[4]], [8]), 0, DistInit(host="127.0.0.1", port=store.port))
+    try:
+        results = [engine.train_step() for _ in range(STEPS)]
+        assert [r.step for r in results] == [1, 2, 3] and all(r.samples == 16 for r in results)
+        assert all(r.grad_norm > 0 for r in results)
+        losses = [r.loss for r in results]
+        params = {
+            i: {k[6:]: v for k, v in st.items() if k.startswith("param.")} for i, st in engine.export_layers().items()
+        }
+        exported = engine.export_layers([1])[1]
+        assert {k.split(".")[-1] for k in exported if k.startswith("opt.")} == {"step", "exp_avg", "exp_avg_sq"}
+    finally:
+        engine.close()
+        engine.close()  # safe twice
+    assert not dist.is_initialized()
+    assert_matches_reference(spec, [{"losses": losses, "params": params}])
+
+
+@pytest.mark.slow
+def test_bf16_autocast_trains_close_to_fp32() -> None:
+    spec = tiny_spec("gpt", precision="bf16")
+    plan = simple_plan([[2, 2], [1, 2, 1]], [4, 4])
+    results = run_ranks(plan.world_size, train_ranks, (spec, plan, STEPS))
+    fp32_losses, fp32_state = reference(tiny_spec("gpt"))
+    for r in results:
+        assert r["losses"] == pytest.approx(fp32_losses, rel=2e-2)
+        assert r["losses"] != pytest.approx(fp32_losses, rel=1e-7)  # autocast did change the maths
+        for layer, params in r["params"].items():
+            for name, value in params.items():
+                assert value.dtype == torch.float32  # master weights stay fp32
+                torch.testing.assert_close(value, fp32_state[layer][name], rtol=0.0, atol=0.05)

@@ -1,0 +1,482 @@
+"""The training engine of one worker process: one rank of a hybrid pipeline/data-parallel plan.
+
+Lifecycle (the caller owns it)::
+
+    engine = TrainingEngine(spec, plan, rank, DistInit(store=...))
+    try:
+        while engine.position.step < spec.steps:
+            result = engine.train_step()
+    finally:
+        engine.close()
+
+A step: the global batch is cut into microbatches; this rank runs its stage's operation list
+for its pipeline's microbatches, gradients are all-reduced among each layer's holders, the
+global gradient norm is agreed on by every rank (one world all-reduce that also carries the
+loss and an error flag), then every rank applies the optimizer step, or none does: a failure on
+any rank is reported by all ranks as :class:`StepFailed` and the step is not committed.
+
+Generations: :meth:`TrainingEngine.reconfigure` exports this process's layer states to host
+memory, leaves the old process group, joins the new one and rebuilds layers, gradient groups
+and schedule for the new plan; one all-gather tells every rank who carries which layer, then
+missing layers are sent point to point in one global order. A process new to the job simply
+constructs an engine for the new generation: the constructor runs the same exchange.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import functools
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from oobleck.worker import checkpoint as ckpt
+from oobleck.worker import optim
+from oobleck.worker.config import validate_model_config
+from oobleck.worker.data import DataPosition, GlobalOrder, make_dataset, make_example
+from oobleck.worker.executor import StageExecutor, StepIO
+from oobleck.worker.gradsync import GradSync, local_params, placement
+from oobleck.worker.layout import PlanSpec, RankAssignment, assign_ranks, lane_range, layer_holders
+from oobleck.worker.models import ModelDef
+from oobleck.worker.schedule import make_schedule
+
+log = logging.getLogger(__name__)
+
+
+class StepFailed(RuntimeError):
+    """A step failed on some rank; no rank applied its update."""
+
+
+class LayersLost(RuntimeError):
+    """No process carries some layer any more: restore from a checkpoint."""
+
+    def __init__(self, layers: list[int]) -> None:
+        super().__init__(f"no surviving copy of layers {layers}: restore from checkpoint")
+        self.layers = layers
+
+
+def _send_state(state: Mapping[str, torch.Tensor], dst: int, device: torch.device) -> None:
+    meta = [(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in state.items()]
+    dist.send_object_list([meta], dst=dst, device=device)
+    for t in state.values():
+        dist.send(t.to(device).contiguous(), dst=dst)
+
+
+def _recv_state(src: int, device: torch.device) -> dict[str, torch.Tensor]:
+    box: list[Any] = [None]
+    dist.recv_object_list(box, src=src, device=device)
+    out = {}
+    for key, shape, dtype in box[0]:
+        buf = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        dist.recv(buf, src=src)
+        out[key] = buf.cpu()
+    return out
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int  # steps completed after this one
+    loss: float  # mean loss over the global batch
+    samples: int  # samples consumed by this step (the global batch)
+    grad_norm: float
+
+
+@dataclass(frozen=True)
+class DistInit:
+    """How to join the process group: a ready ``store``, a TCPStore ``host``/``port`` (client; the
+    agent hosts it), or a FileStore ``file``. ``backend``: gloo (CPU) or nccl (GPU)."""
+
+    backend: str = "gloo"
+    store: Any = None
+    host: str | None = None
+    port: int | None = None
+    file: str | None = None
+    timeout_s: float = 300.0
+    nccl_options: Mapping[str, Any] | None = None  # e.g. {"is_high_priority_stream": True}
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend: must be gloo or nccl, got {self.backend!r}")
+        if sum(x is not None for x in (self.store, self.host, self.file)) != 1:
+            raise ValueError("DistInit: give exactly one of store, host/port, file")
+        if self.host is not None and not self.port:
+            raise ValueError("port: required with host")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+
+
+def _make_store(init: DistInit, world_size: int, generation: int):
+    """The generation's store; keys are prefixed by the generation so one store can serve several."""
+    if init.store is not None:
+        store = init.store
+    elif init.file is not None:
+        store = dist.FileStore(init.file, world_size)
+    else:
+        timeout = datetime.timedelta(seconds=init.timeout_s)
+        store = dist.TCPStore(init.host, init.port, world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"oobleck/gen{generation}/", store)
+
+
+class TrainingEngine:
+    """One rank of training under a plan. See the module docstring."""
+
+    def __init__(
+        self,
+        spec,
+        plan: PlanSpec,
+        rank: int,
+        init: DistInit,
+        device: str | torch.device = "cpu",
+        position: DataPosition | None = None,
+    ) -> None:
+        self.spec = spec
+        self.model_config = validate_model_config(spec)
+        self.model = ModelDef(self.model_config, spec.seed)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives and object gathers use it
+        self.dataset = make_dataset(spec.data, self.model_config.vocab_size, self.model_config.objective)
+        self.order = GlobalOrder(self.dataset.num_samples, spec.global_batch_size, spec.microbatch_size, spec.data.seed)
+        self.position = position or DataPosition()
+        #: Test hook ``fn(step, phase)`` called at fixed points of a step (phase
+        #: ``"backward_done"``); raising there injects a deterministic fault.
+        self.fault_hook = None
+        # bf16 autocast (parameters, optimizer state and transfers stay fp32); meant for GPUs, also
+        # honoured on CPU so the code path is tested there.
+        self.autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
+        self._owns_group = False
+        self._ckpt_thread: threading.Thread | None = None
+        self._ckpt_error: BaseException | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._setup(plan, rank, init)
+        self._exchange({})
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _setup(self, plan: PlanSpec, rank: int, init: DistInit) -> None:
+        """Join the generation's process group and build what ``rank`` holds under ``plan``."""
+        spec = self.spec
+        if plan.num_microbatches != spec.num_microbatches:
+            raise ValueError(
+                f"plan: pipelines have {plan.num_microbatches} microbatches, the job has {spec.num_microbatches}"
+            )
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank: must be in [0, {plan.world_size}), got {rank}")
+        self.plan = plan
+        self.rank = rank
+        self._init = init
+        self.assignments = assign_ranks(plan, self.model.num_layers)
+        self.me: RankAssignment = self.assignments[rank]
+        self.holders = layer_holders(self.assignments, self.model.num_layers)
+        self.where = placement(self.holders, self.model.tied, self.model.num_layers)
+        self.layers: dict[int, nn.Module] = self.model.build_layers(self.me.layer_indices, self.device)
+        self.optimizer = optim.make_optimizer(spec.optimizer, self._params().values())
+        if not dist.is_initialized():
+            store = _make_store(init, plan.world_size, plan.generation)
+            kwargs: dict[str, Any] = {}
+            if init.backend == "nccl" and init.nccl_options:
+                opts = dist.ProcessGroupNCCL.Options()
+                for key, value in init.nccl_options.items():
+                    setattr(opts, key, value)
+                kwargs["pg_options"] = opts
+            if init.backend == "nccl" and self.device.type == "cuda":
+                kwargs["device_id"] = self.device
+            dist.init_process_group(
+                init.backend,
+                store=store,
+                rank=rank,
+                world_size=plan.world_size,
+                timeout=datetime.timedelta(seconds=init.timeout_s),
+                **kwargs,
+            )
+            self._owns_group = True
+        elif dist.get_world_size() != plan.world_size:
+            raise ValueError(f"plan: world size {plan.world_size}, the process group has {dist.get_world_size()}")
+        self.sync = GradSync(self.where, rank, timeout=datetime.timedelta(seconds=init.timeout_s))
+        self._build_executor()
+
+    def _exchange(self, carried: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        """Collective: give every rank the state of the layers it holds under the current plan.
+
+        ``carried``: layer states this process kept from the previous generation (empty for a new
+        process). Layers are copied from a carrying rank (the one that has sent the fewest bytes
+        so far, ties: lowest rank), in one global order so transfers cannot deadlock. With no
+        carried state anywhere (a fresh job), every rank keeps its deterministic initial layers.
+        """
+        t0 = time.perf_counter()
+        info = {
+            "layers": {i: sum(t.numel() * t.element_size() for t in st.values()) for i, st in carried.items()},
+            "position": self.position.to_dict() if carried else None,
+        }
+        everyone: list[dict | None] = [None] * self.plan.world_size
+        dist.all_gather_object(everyone, info)
+        positions = {json.dumps(e["position"], sort_keys=True) for e in everyone if e and e["position"]}
+        if not positions:
+            return {"exchange_s": time.perf_counter() - t0}
+        if len(positions) > 1:
+            raise RuntimeError(f"ranks carry different training positions: {sorted(positions)}")
+        self.position = DataPosition.from_dict(json.loads(positions.pop()))
+        sent: dict[int, int] = {}
+        copies: list[tuple[int, int, int]] = []
+        missing: set[int] = set()
+        for a in self.assignments:
+            for layer in a.layer_indices:
+                if layer in everyone[a.rank]["layers"]:
+                    continue
+                sources = [r for r, e in enumerate(everyone) if layer in e["layers"]]
+                if not sources:
+                    missing.add(layer)
+                    continue
+                src = min(sources, key=lambda r: (sent.get(r, 0), r))
+                sent[src] = sent.get(src, 0) + everyone[src]["layers"][layer]
+                copies.append((layer, src, a.rank))
+        if missing:
+            raise LayersLost(sorted(missing))
+        received: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, src, dst in copies:
+            if src == self.rank:
+                _send_state(carried[layer], dst, self._comm_device())
+            elif dst == self.rank:
+                received[layer] = _recv_state(src, self._comm_device())
+        mine = {i: carried[i] for i in self.me.layer_indices if i in carried}
+        mine.update(received)
+        self.import_layers(mine)
+        return {"exchange_s": time.perf_counter() - t0, "copies": float(len(copies))}
+
+    def reconfigure(self, plan: PlanSpec, rank: int, init: DistInit) -> dict[str, float]:
+        """Move to a new generation: keep this process's layer states, leave the old process
+        group, join the new one as ``rank``, build the layers held under ``plan`` and copy the
+        missing ones (parameters + optimizer state) from ranks that have them. Training resumes
+        at the recorded position with the new batch split. Returns each phase's duration.
+
+        Raises :class:`LayersLost` if some layer has no surviving copy (restore from checkpoint).
+        """
+        t0 = time.perf_counter()
+        carried = self.export_layers()
+        t1 = time.perf_counter()
+        self._teardown()
+        self._setup(plan, rank, init)
+        t2 = time.perf_counter()
+        phases = self._exchange(carried)
+        return {"export_s": t1 - t0, "regroup_s": t2 - t1, **phases}
+
+    def _teardown(self) -> None:
+        if not self._owns_group:
+            raise RuntimeError("reconfigure: the process group was created outside the engine")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self._init.backend == "nccl" else torch.device("cpu")
+
+    def _params(self) -> dict:
+        return local_params(self.layers, self.where)
+
+    def _build_executor(self) -> None:
+        cfg = self.model_config
+        self.ops = make_schedule(self.spec.schedule, self.me.num_stages, self.me.stage, self.me.microbatches)
+        self.executor = StageExecutor(
+            [self.layers[i] for i in self.me.layer_indices],
+            self.me,
+            self.spec.microbatch_size,
+            (self.spec.data.seq_len, cfg.hidden_size),
+            self.device,
+            autocast_dtype=self.autocast_dtype,
+            use_tags=self._init.backend == "gloo",
+        )
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def _step_io(self, batch: list[int], epoch: int) -> StepIO:
+        me, spec, cfg = self.me, self.spec, self.model_config
+        a, b = lane_range(spec.microbatch_size, len(me.stage_ranks), me.lane)
+
+        @functools.lru_cache(maxsize=2)  # a single-stage rank asks for inputs, then labels
+        def example(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = self.order.microbatch(batch, me.microbatch_offset + m)[a:b]
+            tokens = self.dataset.tokens(idx)
+            return make_example(tokens, idx, cfg.objective, cfg.vocab_size - 1, spec.data.seed, epoch)
+
+        return StepIO(
+            inputs=lambda m: example(m)[0],
+            labels=lambda m: example(m)[1],
+            loss_scale=1.0 / spec.global_batch_size,
+        )
+
+    def train_step(self) -> StepResult:
+        """Run one step on the global batch at :attr:`position`; raises StepFailed if any rank failed."""
+        start = self.order.step_start(self.position)
+        batch, after = self.order.batch(self.position)
+        params = self._params()
+        error = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64)
+        try:
+            loss_sum = self.executor.run(self.ops, self._step_io(batch, start.epoch))
+            if self.fault_hook is not None:
+                self.fault_hook(self.position.step, "backward_done")
+        except Exception:
+            log.exception("step %d failed on rank %d before gradient sync", self.position.step, self.rank)
+            error = 1.0
+        # Collectives run on every rank even after a local failure, so no peer is left waiting
+        # in a group; the vote below then cancels the update everywhere.
+        try:
+            self.sync.all_reduce(params)
+            sq = self.sync.local_sq_norm(params)
+        except Exception:
+            log.exception("step %d failed on rank %d in gradient sync", self.position.step, self.rank)
+            error = 1.0
+        counts_loss = self.me.is_last
+        agreed = torch.stack([sq, loss_sum if counts_loss else torch.zeros((), dtype=torch.float64)])
+        agreed = torch.cat([agreed, torch.tensor([error], dtype=torch.float64)]).to(self._comm_device())
+        dist.all_reduce(agreed)
+        sq_total, loss_total, errors = agreed.cpu().tolist()
+        if errors > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise StepFailed(f"step {self.position.step} failed on {int(errors)} rank(s); no update applied")
+        norm = math.sqrt(sq_total)
+        clip = self.spec.optimizer.grad_clip_norm
+        if clip is not None:
+            coef = clip / (norm + 1e-6)
+            if coef < 1.0:
+                for p in params.values():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        optim.set_lr(self.optimizer, optim.lr_at(self.spec.optimizer, self.position.step))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position = after
+        return StepResult(
+            step=after.step,
+            loss=loss_total / self.spec.global_batch_size,
+            samples=self.spec.global_batch_size,
+            grad_norm=norm,
+        )
+
+    # -- layer state ----------------------------------------------------------------------------
+
+    def export_layers(self, indices: Iterable[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+        """Parameters (``param.<name>``) and optimizer state (``opt.<name>.<key>``) of held layers,
+        as CPU tensor copies. Default: every held layer."""
+        out = {}
+        for i in self.me.layer_indices if indices is None else indices:
+            if i not in self.layers:
+                raise KeyError(f"layer {i} is not held by rank {self.rank}")
+            state: dict[str, torch.Tensor] = {}
+            for name, p in self.layers[i].named_parameters(remove_duplicate=False):
+                if f"param.{name}" in state:
+                    continue
+                state[f"param.{name}"] = p.detach().to("cpu", copy=True)
+                for key, value in optim.export_state(self.optimizer, p).items():
+                    state[f"opt.{name}.{key}"] = value
+            out[i] = state
+        return out
+
+    def import_layers(self, layers: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Load parameters and optimizer state of layers this rank holds (from :meth:`export_layers`
+        on any rank, or from a checkpoint)."""
+        for i, state in layers.items():
+            if i not in self.layers:
+                raise KeyError(f"layer {i} is not held by rank {self.rank} (holds {self.me.layers})")
+            module = self.layers[i]
+            for name, p in module.named_parameters(remove_duplicate=False):
+                key = f"param.{name}"
+                if key not in state:
+                    raise KeyError(f"layer {i}: missing {key}")
+                with torch.no_grad():
+                    p.copy_(state[key])
+                prefix = f"opt.{name}."
+                opt_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                optim.import_state(self.optimizer, p, opt_state)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str | Path, wait: bool = True) -> Path:
+        """Collective entry (every rank calls it at the same step): copy the layers this rank is
+        the lowest holder of to host memory, then write them (in a background thread unless
+        ``wait``); rank 0 writes the manifest once every writer is done. With ``wait`` every rank
+        returns after the checkpoint is complete. Returns the checkpoint's directory."""
+        self.wait_checkpoint()
+        directory = Path(directory)
+        root = ckpt.step_dir(directory, self.position.step)
+        held = [i for i in self.me.layer_indices if self.holders[i][0] == self.rank]
+        layers = self.export_layers(held)
+        writers = {h[0] for h in self.holders.values()}
+        extra = {
+            "position": self.position.to_dict(),
+            "model": self.model_config.key(),
+            "seed": self.spec.seed,
+            "num_layers": self.model.num_layers,
+            "rng_state": base64.b64encode(bytes(torch.get_rng_state().tolist())).decode(),
+        }
+        step, rank, timeout = self.position.step, self.rank, self._init.timeout_s
+
+        def write() -> None:
+            ckpt.write_layers(root, layers, rank)
+            if rank == 0:
+                ckpt.finish(directory, root, step=step, writers=writers, manifest_extra=extra, timeout_s=timeout)
+
+        if wait:
+            write()
+            dist.barrier()
+        else:
+            self._ckpt_error = None
+            self._ckpt_thread = threading.Thread(target=self._background, args=(write,), name="checkpoint", daemon=True)
+            self._ckpt_thread.start()
+        return root
+
+    def _background(self, write) -> None:
+        try:
+            write()
+        except BaseException as exc:
+            log.exception("background checkpoint failed")
+            self._ckpt_error = exc
+
+    def wait_checkpoint(self) -> None:
+        """Wait for a background checkpoint of this rank (rank 0: until its manifest is written);
+        re-raises its error."""
+        thread, self._ckpt_thread = self._ckpt_thread, None
+        if thread is not None:
+            thread.join()
+            if self._ckpt_error is not None:
+                error, self._ckpt_error = self._ckpt_error, None
+                raise ckpt.CheckpointError(f"background checkpoint failed: {error}") from error
+
+    def load_checkpoint(self, path: str | Path) -> DataPosition:
+        """Load held layers and the data position from a checkpoint directory (a ``step-*`` one,
+        or the parent: its latest). Works under any plan."""
+        manifest, root = ckpt.read_manifest(Path(path))
+        if manifest["num_layers"] != self.model.num_layers or manifest["model"] != self.model_config.key():
+            raise ValueError(f"checkpoint {root}: model differs from the job's model")
+        self.import_layers(ckpt.load_layers(root, manifest, self.me.layer_indices))
+        rng = torch.tensor(list(base64.b64decode(manifest["rng_state"])), dtype=torch.uint8)
+        torch.set_rng_state(rng)
+        self.position = DataPosition.from_dict(manifest["position"])
+        return self.position
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish a background checkpoint, destroy the process group if this engine created it.
+        Safe to call twice."""
+        try:
+            self.wait_checkpoint()
+        finally:
+            self._close_group()
+
+    def _close_group(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False

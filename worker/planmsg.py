@@ -1,0 +1,50 @@
+"""Conversion of the ``oobleck.v1.Plan`` message a worker receives into engine inputs.
+
+Protobuf types stop here: the engine works on :class:`~oobleck.worker.layout.PlanSpec` and
+:class:`~oobleck.worker.engine.DistInit` (imported lazily: this module does not import torch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oobleck.planner.types import Stage, Template
+from oobleck.worker.layout import PipelineSpec, PlanError, PlanSpec
+
+
+def plan_from_proto(msg: Any) -> PlanSpec:
+    """``msg``: an ``oobleck.protos.v1.plan_pb2.Plan``. GPUs per node = ranks per node."""
+    templates = {}
+    for i, t in enumerate(msg.templates):
+        stages = tuple(
+            Stage((s.layer_start, s.layer_end), node=s.node_index, gpus=s.gpus, latency_ms=0.0, memory_bytes=0)
+            for s in t.stages
+        )
+        if t.num_nodes in templates:
+            raise PlanError(f"templates[{i}]: a second template for {t.num_nodes} nodes")
+        templates[t.num_nodes] = Template(
+            num_nodes=t.num_nodes, stages=stages, iteration_ms=t.iteration_ms, bottleneck_ms=0.0
+        )
+    ranks = {r.node_id: tuple(r.ranks) for r in msg.ranks}
+    counts = {len(v) for v in ranks.values()}
+    if len(counts) != 1:
+        raise PlanError(f"ranks: every node must have the same number of ranks, got {sorted(counts)}")
+    plan = PlanSpec(
+        pipelines=tuple(PipelineSpec(tuple(p.node_ids), p.microbatches) for p in msg.pipelines),
+        templates=templates,
+        ranks=ranks,
+        gpus_per_node=counts.pop(),
+        generation=msg.generation,
+    )
+    if msg.world_size and msg.world_size != plan.world_size:
+        raise PlanError(f"world_size: {msg.world_size}, but the rank map has {plan.world_size} ranks")
+    return plan
+
+
+def dist_init_from_proto(msg: Any, backend: str = "gloo", timeout_s: float = 300.0):
+    """The :class:`DistInit` for the plan's rendezvous endpoint (a TCPStore hosted by an agent)."""
+    from oobleck.worker.engine import DistInit
+
+    if not msg.rendezvous.host or not msg.rendezvous.port:
+        raise PlanError("rendezvous: host and port required")
+    return DistInit(backend=backend, host=msg.rendezvous.host, port=msg.rendezvous.port, timeout_s=timeout_s)

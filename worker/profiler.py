@@ -1,0 +1,167 @@
+"""Per-layer profile of a model on the real device, as ``oobleck-profile/1`` JSON.
+
+For one microbatch size, each layer is run on realistic inputs (the previous layers' outputs):
+forward and backward times are medians of ``runs`` timed runs after ``warmup`` untimed ones
+(the head's backward includes the loss); ``activation_bytes`` is the memory of the tensors the
+layer saves for backward (unique storages, parameters excluded), ``output_bytes`` the size of its
+output, ``param_bytes`` the size of its parameters. Results are cached in a directory under a key
+made of the model config, microbatch size, sequence length, precision and device name, so
+changing any of them invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oobleck.planner import PROFILE_FORMAT, parse_profile
+from oobleck.worker.config import validate_model_config
+from oobleck.worker.data import make_dataset, make_example
+from oobleck.worker.models import ModelDef, per_sample_loss
+
+log = logging.getLogger(__name__)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.get_num_threads()}threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _saved_bytes(fn, params: set[int]) -> tuple[Any, int]:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def profile_model(spec, device: str | torch.device = "cpu", warmup: int = 2, runs: int = 5) -> dict[str, Any]:
+    """Profile every layer of ``spec``'s model for ``spec.microbatch_size``; returns the JSON dict."""
+    if warmup < 0 or runs < 1:
+        raise ValueError(f"warmup >= 0 and runs >= 1 required, got warmup={warmup}, runs={runs}")
+    device = torch.device(device)
+    cfg = validate_model_config(spec)
+    model = ModelDef(cfg, spec.seed)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if spec.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    dataset = make_dataset(spec.data, cfg.vocab_size, cfg.objective)
+    idx = [i % dataset.num_samples for i in range(spec.microbatch_size)]
+    inputs, labels = make_example(dataset.tokens(idx), idx, cfg.objective, cfg.vocab_size - 1, spec.data.seed, 0)
+    x: torch.Tensor = inputs.to(device)
+    labels = labels.to(device)
+    out_layers = []
+    for i in range(model.num_layers):
+        layer = model.build_layer(i, device)
+        params = {p.data_ptr() for p in layer.parameters()}
+        param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+        last = i == model.num_layers - 1
+        inp = x if i == 0 else x.detach().requires_grad_(True)
+
+        def forward(layer=layer, inp=inp, last=last):
+            with autocast:
+                y = layer(inp)
+            return per_sample_loss(y, labels).mean() if last else y
+
+        fwd, bwd = [], []
+        act_bytes = 0
+        y = None
+        for r in range(warmup + runs):
+            _sync(device)
+            t0 = time.perf_counter()
+            y, act_bytes = _saved_bytes(forward, params)
+            _sync(device)
+            t_fwd = (time.perf_counter() - t0) * 1000.0
+            grad = None if last else torch.ones_like(y)
+            t_bwd = _timed(lambda y=y, grad=grad: torch.autograd.backward(y, grad), device)
+            layer.zero_grad(set_to_none=True)
+            if r >= warmup:
+                fwd.append(t_fwd)
+                bwd.append(t_bwd)
+        with torch.no_grad(), autocast:
+            out = layer(inp)
+        out_layers.append(
+            {
+                "name": model.layer_name(i),
+                "forward_ms": statistics.median(fwd),
+                "backward_ms": statistics.median(bwd),
+                "param_bytes": int(param_bytes),
+                "activation_bytes": int(act_bytes),
+                "output_bytes": int(out.numel() * out.element_size()),
+            }
+        )
+        x = out
+        del layer, y
+    profile = {
+        "format": PROFILE_FORMAT,
+        "model": f"{cfg.name}-L{cfg.num_blocks}-H{cfg.hidden_size}",
+        "microbatch_size": spec.microbatch_size,
+        "layers": out_layers,
+    }
+    parse_profile(profile)  # the planner must accept what we write
+    return profile
+
+
+def cache_key(spec, device: str | torch.device) -> str:
+    cfg = validate_model_config(spec)
+    key = {
+        "model": cfg.key(),
+        "microbatch_size": spec.microbatch_size,
+        "seq_len": spec.data.seq_len,
+        "precision": spec.precision,
+        "device": device_name(torch.device(device)),
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_profile(spec, cache_dir: str | Path, device: str | torch.device = "cpu", **kwargs) -> dict[str, Any]:
+    """The profile from ``cache_dir`` if one exists for this key, else measure and store it."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"profile-{cache_key(spec, device)}.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            parse_profile(data)
+            return data
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable cached profile %s: %s", path, exc)
+    data = profile_model(spec, device, **kwargs)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", dir=cache_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return data
