@@ -15,6 +15,9 @@ Administer an Oobleck job cluster.
 def build_parser():
     parser = base_parser("oobleckctl", DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    from oobleck.cli.admin import add_admin_commands
+
+    add_admin_commands(subparsers)
     from oobleck.cli.plan import add_plan_command
 
     add_plan_command(subparsers)

@@ -1,0 +1,73 @@
+"""Worker liveness: facts gathered by a probe, and the pure decision made from them.
+
+A worker is *failed* when its process exited with a non-zero status or was killed by a signal,
+and *hung* when its process is stopped (``T``/``t`` in ``/proc/<pid>/stat``) or its side-thread
+heartbeat has been silent for ``liveness_timeout_s`` (``startup_timeout_s`` before the first
+one). A worker blocked in a collective keeps heartbeating from its side thread, so it is not hung.
+A worker that exits with status 0 has finished its job: not a failure.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Verdict(enum.Enum):
+    ALIVE = "alive"
+    FINISHED = "finished"  # exited with status 0
+    EXITED = "exited"  # exited with an error or was killed
+    HUNG = "hung"
+
+
+@dataclass(frozen=True)
+class WorkerProbe:
+    """What the agent knows about one worker at one instant (monotonic seconds)."""
+
+    started_at: float
+    last_heartbeat_at: float | None  # None before the first heartbeat
+    exit_code: int | None  # None while running; negative = killed by that signal
+    proc_state: str | None  # one-letter state from /proc/<pid>/stat, None if unknown
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    liveness_timeout_s: float
+    startup_timeout_s: float
+
+
+def decide_worker(now: float, probe: WorkerProbe, config: LivenessConfig) -> tuple[Verdict, str]:
+    """Pure: the verdict on one worker and a human-readable reason."""
+    if probe.exit_code is not None:
+        if probe.exit_code == 0:
+            return Verdict.FINISHED, "exited with status 0"
+        if probe.exit_code < 0:
+            return Verdict.EXITED, f"killed by signal {-probe.exit_code}"
+        return Verdict.EXITED, f"exited with status {probe.exit_code}"
+    if probe.proc_state in ("T", "t"):
+        return Verdict.HUNG, f"process is stopped (state {probe.proc_state})"
+    if probe.last_heartbeat_at is None:
+        silent = now - probe.started_at
+        if silent > config.startup_timeout_s:
+            limit = config.startup_timeout_s
+            return Verdict.HUNG, f"no heartbeat {silent:.1f}s after start (startup_timeout_s={limit:g})"
+        return Verdict.ALIVE, "starting"
+    silent = now - probe.last_heartbeat_at
+    if silent > config.liveness_timeout_s:
+        return Verdict.HUNG, f"heartbeat silent for {silent:.1f}s (liveness_timeout_s={config.liveness_timeout_s:g})"
+    return Verdict.ALIVE, "heartbeating"
+
+
+def read_proc_state(pid: int, proc_root: Path = Path("/proc")) -> str | None:
+    """The one-letter process state of ``pid`` (``R``, ``S``, ``T``, ``Z``...), None if unreadable."""
+    try:
+        text = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) S ...": comm may hold spaces and parentheses, so split after the last ')'.
+    _, sep, rest = text.rpartition(")")
+    fields = rest.split()
+    if not sep or not fields:
+        return None
+    return fields[0]

@@ -1,0 +1,190 @@
+"""The master's configuration: one validated dataclass, a YAML file, environment and flags.
+
+Precedence (lowest first): field defaults, the YAML ``--config`` file, ``OOBLECK_*`` environment
+variables (see :data:`ENV_OVERRIDES`), command-line flags. Every field has a flag named after it
+(``heartbeat_timeout_s`` -> ``--heartbeat-timeout-s``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from oobleck.common import validate as v
+from oobleck.common.tls import split_host_port
+from oobleck.common.validate import ConfigError
+
+ENV_STATE_FILE = "OOBLECK_MASTER_STATE_FILE"
+ENV_TOKEN_FILE = "OOBLECK_TOKEN_FILE"
+ENV_ADMIN_TOKEN_FILE = "OOBLECK_ADMIN_TOKEN_FILE"
+ENV_LISTEN = "OOBLECK_MASTER_LISTEN"
+ENV_HTTP_LISTEN = "OOBLECK_MASTER_HTTP_LISTEN"
+#: Environment variable -> config field.
+ENV_OVERRIDES = {
+    ENV_STATE_FILE: "state_file",
+    ENV_TOKEN_FILE: "token_file",
+    ENV_ADMIN_TOKEN_FILE: "admin_token_file",
+    ENV_LISTEN: "listen",
+    ENV_HTTP_LISTEN: "http_listen",
+}
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """Everything the master daemon needs. Validated on construction; errors name the field."""
+
+    token_file: str
+    admin_token_file: str
+    state_file: str = "oobleck-master.db"
+    listen: str = "127.0.0.1:0"
+    http_listen: str = "127.0.0.1:0"  # empty: no HTTP server
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 2.0
+    session_grace_s: float = 1.0
+    coalesce_window_s: float = 0.2
+    detect_tick_s: float = 0.05
+    start_ack_timeout_s: float = 120.0
+    reconfigure_ack_timeout_s: float = 60.0
+    shutdown_grace_s: float = 5.0
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    allow_insecure: bool = False
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_nodes: int = 4096
+    # Cluster description handed to the planner (per node / per link).
+    cpu_memory_bytes_per_slot: int = 8 * GIB
+    intra_node_bytes_per_s: float = 100e9
+    inter_node_bytes_per_s: float = 10e9
+    optimizer_state_factor: float = 4.0
+    reserved_bytes: int = 0
+    ready_file: str | None = None
+
+    def __post_init__(self) -> None:
+        v.string(self.token_file, "token_file")
+        v.string(self.admin_token_file, "admin_token_file")
+        v.string(self.state_file, "state_file")
+        for name in ("listen", "http_listen"):
+            value = v.string(getattr(self, name), name, allow_empty=(name == "http_listen"))
+            if value:
+                try:
+                    split_host_port(value)
+                except ValueError as exc:
+                    raise ConfigError(name, str(exc)) from None
+        v.number(self.heartbeat_interval_s, "heartbeat_interval_s", min_value=0.01, max_value=3600)
+        v.number(self.heartbeat_timeout_s, "heartbeat_timeout_s", min_value=0.0, exclusive_min=True, max_value=86400)
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError(
+                "heartbeat_timeout_s",
+                f"must be greater than heartbeat_interval_s ({self.heartbeat_interval_s:g}), "
+                f"got {self.heartbeat_timeout_s:g}",
+            )
+        v.number(self.session_grace_s, "session_grace_s", min_value=0.0, max_value=3600)
+        v.number(self.coalesce_window_s, "coalesce_window_s", min_value=0.0, max_value=60)
+        v.number(self.detect_tick_s, "detect_tick_s", min_value=0.001, max_value=10)
+        v.number(self.start_ack_timeout_s, "start_ack_timeout_s", min_value=0.0, exclusive_min=True)
+        v.number(self.reconfigure_ack_timeout_s, "reconfigure_ack_timeout_s", min_value=0.0, exclusive_min=True)
+        v.number(self.shutdown_grace_s, "shutdown_grace_s", min_value=0.0, max_value=600)
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "ready_file"):
+            if getattr(self, name) is not None:
+                v.string(getattr(self, name), name)
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_key_file", "tls_cert_file and tls_key_file must be given together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls_client_ca_file", "mTLS needs tls_cert_file and tls_key_file too")
+        v.boolean(self.allow_insecure, "allow_insecure")
+        v.integer(self.max_message_bytes, "max_message_bytes", min_value=4096, max_value=1 << 30)
+        v.integer(self.max_nodes, "max_nodes", min_value=1, max_value=1_000_000)
+        v.integer(self.cpu_memory_bytes_per_slot, "cpu_memory_bytes_per_slot", min_value=1)
+        v.number(self.intra_node_bytes_per_s, "intra_node_bytes_per_s", min_value=0.0, exclusive_min=True)
+        v.number(self.inter_node_bytes_per_s, "inter_node_bytes_per_s", min_value=0.0, exclusive_min=True)
+        v.number(self.optimizer_state_factor, "optimizer_state_factor", min_value=0.0, exclusive_min=True)
+        v.integer(self.reserved_bytes, "reserved_bytes", min_value=0)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(MasterConfig)}
+
+
+def _field_kind(name: str) -> type:
+    default = _FIELDS[name].default
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` plus one flag per MasterConfig field (default None: 'not given')."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with MasterConfig fields")
+    for name in _FIELDS:
+        flag = "--" + name.replace("_", "-")
+        kind = _field_kind(name)
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=f"set {name}")
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=f"{name}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path}: malformed YAML: {exc}") from exc
+    if data is None:
+        return {}
+    data = dict(v.mapping(data, "config"))
+    v.reject_unknown(data, set(_FIELDS), "")
+    return data
+
+
+def config_from_sources(
+    args: argparse.Namespace | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    file_data: dict[str, Any] | None = None,
+) -> MasterConfig:
+    """Merge defaults < YAML < environment < flags into a validated :class:`MasterConfig`."""
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None) if args is not None else None
+    if file_data is None and config_path:
+        file_data = load_config_file(config_path)
+    values.update(file_data or {})
+    env = os.environ if environ is None else environ
+    for var, name in ENV_OVERRIDES.items():
+        if env.get(var):
+            values[name] = env[var]
+    if args is not None:
+        for name in _FIELDS:
+            value = getattr(args, name, None)
+            if value is not None:
+                values[name] = value
+    for name in ("token_file", "admin_token_file"):
+        if name not in values:
+            raise ConfigError(name, f"required (flag --{name.replace('_', '-')} or the config file)")
+    # YAML may give ints for float fields.
+    for name, value in list(values.items()):
+        if _field_kind(name) is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+    try:
+        return MasterConfig(**values)
+    except TypeError as exc:  # pragma: no cover - unknown keys are rejected above
+        raise ConfigError("config", str(exc)) from exc

@@ -1,0 +1,969 @@
+"""The master's state machine: membership, sessions, commands, detection and reconfiguration.
+
+gRPC-free except for the Plan/Command messages that travel to agents unchanged. Servicers
+(``oobleck.master.service``) validate requests and call the ``on_*`` / ``admin_*`` methods here.
+Rules kept throughout:
+- SQLite and the planner never run on the event loop (``AsyncStore``, ``asyncio.to_thread``).
+- A plan and its commands are persisted in one transaction before any command is sent.
+- Commands carry globally increasing, durable ids; unacked ones are re-sent on re-attach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from oobleck.master import planning
+from oobleck.master.config import MasterConfig
+from oobleck.master.detect import DetectConfig, DetectState, NodeLiveness, decide
+from oobleck.master.metrics import MasterMetrics
+from oobleck.master.store import AsyncStore, CommandRow, EventRow, JobRow, NodeRow
+from oobleck.protos.v1 import agent_pb2, plan_pb2
+
+log = logging.getLogger(__name__)
+
+ACTIVE_JOB_STATES = ("STARTING", "RUNNING", "RECONFIGURING")
+TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+MAX_EVENTS_IN_MEMORY = 10_000
+WATCH_QUEUE_SIZE = 1_000
+
+
+class MasterError(Exception):
+    """A request the master refuses; ``code`` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class RegisterInfo:
+    node_name: str
+    address: str
+    slots: int
+    gpu_memory_bytes: int
+    software_version: str
+    nonce: str
+    store_port: int
+    node_id: int
+
+
+@dataclass
+class RegisterResult:
+    node_id: int
+    lease_s: float
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+    job_spec_yaml: str
+    generation: int
+
+
+@dataclass
+class _Close:
+    code: str | None = None
+    message: str = ""
+
+
+class SessionHandle:
+    """The outgoing side of one agent session: messages queued for the stream writer."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[agent_pb2.MasterMessage | _Close] = asyncio.Queue()
+
+    def send(self, msg: agent_pb2.MasterMessage) -> None:
+        self.queue.put_nowait(msg)
+
+    def close(self, code: str | None = None, message: str = "") -> None:
+        self.queue.put_nowait(_Close(code, message))
+
+
+@dataclass
+class NodeRuntime:
+    row: NodeRow
+    last_seen_s: float
+    detached_since_s: float | None = None
+    failed_reason: str | None = None
+    session: SessionHandle | None = None
+
+
+@dataclass
+class PendingCommand:
+    row: CommandRow
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class StatusView:
+    job_id: str = ""
+    state: str = "NONE"
+    reason: str = ""
+    generation: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float = 0.0
+    samples_per_s: float = 0.0
+    nodes_alive: int = 0
+    nodes_dead: int = 0
+    spares: int = 0
+    plan: plan_pb2.Plan | None = None
+
+
+@dataclass
+class NodeView:
+    node_id: int
+    name: str
+    address: str
+    slots: int
+    state: str
+    last_seen_s_ago: float
+    reason: str
+
+
+class Master:
+    def __init__(
+        self,
+        config: MasterConfig,
+        *,
+        planner: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: MasterMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self._planner = planner
+        self.clock = clock
+        self.metrics = metrics or MasterMetrics()
+        self.store = AsyncStore(config.state_file)
+        self.detect_config = DetectConfig(config.heartbeat_timeout_s, config.session_grace_s, config.coalesce_window_s)
+        self.nodes: dict[int, NodeRuntime] = {}
+        self.job: JobRow | None = None
+        self.pipelines: tuple[tuple[int, ...], ...] = ()
+        self.ctx: planning.PlanContext | None = None
+        self.pending: dict[int, PendingCommand] = {}
+        self.loss = 0.0
+        self.samples_per_s = 0.0
+        self._next_command_id = 1
+        self._pending_since: float | None = None
+        self._lost: dict[int, float] = {}  # in-plan nodes declared dead and not yet replanned -> detect_s
+        self._drain: set[int] = set()
+        self._plan_lock = asyncio.Lock()
+        self._reconfig_task: asyncio.Task | None = None
+        self._resume_wait: tuple[int, float, dict[str, float]] | None = None
+        self._events: deque[EventRow] = deque(maxlen=MAX_EVENTS_IN_MEMORY)
+        self._watchers: set[asyncio.Queue] = set()
+        self._death = asyncio.Event()
+        self._progress_dirty = False
+        self._last_reason = ""
+        self._bg: set[asyncio.Task] = set()
+        self.stopping = False
+
+    # -- start-up ---------------------------------------------------------------------------------
+    @property
+    def planner(self) -> Any:
+        if self._planner is None:
+            self._planner = planning.default_planner()
+        return self._planner
+
+    async def open(self) -> None:
+        snap = await self.store.open()
+        now = self.clock()
+        self.job = snap.job
+        self._next_command_id = snap.next_command_id
+        for row in snap.nodes:
+            # Everybody gets a fresh heartbeat timeout to re-attach after a restart.
+            self.nodes[row.node_id] = NodeRuntime(row=row, last_seen_s=now)
+        if self.job is not None:
+            self.pipelines = tuple(tuple(p) for p in self.job.plan_json.get("pipelines", ()))
+            self.metrics.generation.set(self.job.generation)
+            self.metrics.step.set(self.job.step)
+        loop = asyncio.get_running_loop()
+        for row in snap.pending_commands:
+            self.pending[row.command_id] = PendingCommand(row, loop.create_future())
+            self._next_command_id = max(self._next_command_id, row.command_id + 1)
+        for ev in await self.store.call("events_since", max(0, snap.last_event_id - MAX_EVENTS_IN_MEMORY)):
+            self._events.append(ev)
+        self._update_node_metrics()
+        if self.job is not None and self.job.state in ACTIVE_JOB_STATES:
+            # Deaths and drains recorded before a crash but not yet replanned are replanned now.
+            for node_id in {n for p in self.pipelines for n in p}:
+                node = self.nodes.get(node_id)
+                if node is None or node.row.state == "dead":
+                    self._lost[node_id] = 0.0
+                elif node.row.state == "draining":
+                    self._drain.add(node_id)
+            if self._lost or self._drain:
+                self._pending_since = now
+            # Resume waiting for the acks of commands sent before the restart.
+            waits = [p for p in self.pending.values() if p.row.kind in ("start", "reconfigure")]
+            if waits:
+                self._spawn(self._await_acks_then_settle(waits, self.config.reconfigure_ack_timeout_s))
+        if self.job is not None and self.job.state == "PAUSED":
+            self._spawn(self._resume_after_restart())
+        log.info(
+            "state loaded from %s: %d nodes, job %s, generation %d, %d unacked commands",
+            self.config.state_file,
+            len(self.nodes),
+            self.job.state if self.job else "none",
+            self.job.generation if self.job else 0,
+            len(self.pending),
+        )
+
+    async def close(self) -> None:
+        for task in list(self._bg):
+            task.cancel()
+        for task in list(self._bg):
+            with contextlib.suppress(BaseException):
+                await task
+        if self._reconfig_task is not None:
+            self._reconfig_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reconfig_task
+        self.end_sessions()
+        await self.store.close()
+
+    def attached_sessions(self) -> int:
+        return sum(1 for n in self.nodes.values() if n.session is not None)
+
+    def end_sessions(self) -> None:
+        self.stopping = True
+        for node in self.nodes.values():
+            if node.session is not None:
+                node.session.close("UNAVAILABLE", "master shutting down")
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # -- views ---------------------------------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        return self.job.generation if self.job else 0
+
+    def _counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.nodes.values():
+            counts[n.row.state] = counts.get(n.row.state, 0) + 1
+        return counts
+
+    def _update_node_metrics(self) -> None:
+        self.metrics.set_node_counts(self._counts())
+
+    def status(self) -> StatusView:
+        counts = self._counts()
+        alive = counts.get("alive", 0) + counts.get("spare", 0) + counts.get("draining", 0)
+        view = StatusView(nodes_alive=alive, nodes_dead=counts.get("dead", 0), spares=counts.get("spare", 0))
+        if self.job is not None:
+            job = self.job
+            view.job_id, view.state, view.reason, view.generation = job.job_id, job.state, job.reason, job.generation
+            view.step, view.total_steps = job.step, job.total_steps
+            view.loss, view.samples_per_s = self.loss, self.samples_per_s
+            if job.plan:
+                view.plan = plan_pb2.Plan.FromString(job.plan)
+        return view
+
+    def list_nodes(self) -> list[NodeView]:
+        now = self.clock()
+        return [
+            NodeView(
+                n.row.node_id,
+                n.row.name,
+                n.row.address,
+                n.row.slots,
+                n.row.state,
+                max(0.0, now - n.last_seen_s),
+                n.row.reason or n.failed_reason or "",
+            )
+            for n in sorted(self.nodes.values(), key=lambda n: n.row.node_id)
+        ]
+
+    def status_dict(self) -> dict[str, Any]:
+        s = self.status()
+        return {
+            "job_id": s.job_id,
+            "state": s.state,
+            "reason": s.reason,
+            "generation": s.generation,
+            "step": s.step,
+            "total_steps": s.total_steps,
+            "loss": s.loss,
+            "samples_per_s": s.samples_per_s,
+            "nodes_alive": s.nodes_alive,
+            "nodes_dead": s.nodes_dead,
+            "spares": s.spares,
+            "pipelines": [list(p) for p in self.pipelines],
+            "detector": self._last_reason,
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "name": n.name,
+                    "state": n.state,
+                    "last_seen_s_ago": round(n.last_seen_s_ago, 3),
+                    "attached": self.nodes[n.node_id].session is not None,
+                }
+                for n in self.list_nodes()
+            ],
+        }
+
+    # -- events ----------------------------------------------------------------------------------------
+    def _new_event(
+        self, kind: str, message: str, *, node_id: int = 0, durations: dict[str, float] | None = None
+    ) -> EventRow:
+        return EventRow(
+            0,
+            time.time(),
+            kind,
+            node_id,
+            self.generation,
+            self.job.step if self.job else 0,
+            message.encode("utf-8", "backslashreplace").decode("utf-8"),
+            dict(durations or {}),
+        )
+
+    def _publish(self, ev: EventRow) -> None:
+        self._events.append(ev)
+        durations = " ".join(f"{k}={v:.3f}s" for k, v in ev.durations_s.items())
+        log.info(
+            "event %s node=%d generation=%d step=%d: %s %s",
+            ev.kind,
+            ev.node_id,
+            ev.generation,
+            ev.step,
+            ev.message,
+            durations,
+        )
+        for q in list(self._watchers):
+            if q.qsize() >= WATCH_QUEUE_SIZE:
+                # A watcher that does not keep up is dropped (its stream ends), never waited for.
+                self._watchers.discard(q)
+                q.put_nowait(None)
+            else:
+                q.put_nowait(ev)
+
+    async def _record(self, kind: str, message: str, **kw: Any) -> EventRow:
+        ev = await self.store.call("add_event", self._new_event(kind, message, **kw))
+        self._publish(ev)
+        return ev
+
+    async def events_since(self, since_id: int) -> list[EventRow]:
+        if self._events and since_id >= self._events[0].id - 1:
+            return [e for e in self._events if e.id > since_id]
+        return await self.store.call("events_since", since_id)
+
+    def watch(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self._watchers.add(q)
+        return q
+
+    def unwatch(self, q: asyncio.Queue) -> None:
+        self._watchers.discard(q)
+
+    # -- registration and sessions ----------------------------------------------------------------
+    async def on_register(self, info: RegisterInfo) -> RegisterResult:
+        now = self.clock()
+        known = self.nodes.get(info.node_id) if info.node_id else None
+        if known is not None and known.row.state != "dead" and known.row.nonce == info.nonce:
+            row = known.row
+            row.address, row.store_port = info.address, info.store_port
+            known.last_seen_s = now
+            await self.store.call("save_node", row)
+            log.info("node %d (%s) re-registered", row.node_id, row.name)
+        else:
+            if known is not None and known.row.state != "dead":
+                # Same id, new nonce: the agent process restarted; its old incarnation is gone.
+                known.failed_reason = "agent restarted (new nonce)"
+            live = sum(1 for n in self.nodes.values() if n.row.state != "dead")
+            if live >= self.config.max_nodes:
+                raise MasterError("RESOURCE_EXHAUSTED", f"max_nodes: the master already has {live} live nodes")
+            row = NodeRow(
+                0,
+                info.node_name,
+                info.address,
+                info.slots,
+                info.gpu_memory_bytes,
+                info.software_version,
+                info.nonce,
+                info.store_port,
+                "spare",
+                "",
+            )
+            row = await self.store.call("register_node", row)
+            self.nodes[row.node_id] = NodeRuntime(row=row, last_seen_s=self.clock())
+            self._update_node_metrics()
+            await self._record("node_registered", f"{row.name} ({row.slots} slots) registered", node_id=row.node_id)
+            if self.job is not None and self.job.state == "PAUSED":
+                self._spawn(self._try_resume())
+        return RegisterResult(
+            row.node_id,
+            self.config.heartbeat_timeout_s,
+            self.config.heartbeat_interval_s,
+            self.config.heartbeat_timeout_s,
+            self.job.spec_yaml if self.job and self.job.state not in TERMINAL_JOB_STATES else "",
+            self.generation,
+        )
+
+    def session_node(self, node_id: int, nonce: str) -> NodeRuntime:
+        if self.stopping:
+            raise MasterError("UNAVAILABLE", "master shutting down; re-attach after it restarts")
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise MasterError("FAILED_PRECONDITION", f"hello.node_id: unknown node {node_id}; register first")
+        if node.row.state == "dead":
+            raise MasterError("FAILED_PRECONDITION", f"hello.node_id: node {node_id} was declared dead; register again")
+        if node.row.nonce != nonce:
+            raise MasterError("FAILED_PRECONDITION", f"hello.nonce: does not match node {node_id}'s registration")
+        return node
+
+    def attach(self, node: NodeRuntime, last_command_id: int) -> SessionHandle:
+        handle = SessionHandle()
+        if node.session is not None:
+            node.session.close("ABORTED", "replaced by a newer session of the same node")
+        node.session = handle
+        node.detached_since_s = None
+        node.last_seen_s = self.clock()
+        for cmd_id in sorted(p for p, pc in self.pending.items() if pc.row.node_id == node.row.node_id):
+            pc = self.pending[cmd_id]
+            if cmd_id <= last_command_id:
+                # The agent applied and acked it; the ack was lost with the old session or master.
+                self._spawn(self._apply_ack(node.row.node_id, cmd_id, pc.row.generation, True, "", None))
+                continue
+            handle.send(agent_pb2.MasterMessage(command=agent_pb2.Command.FromString(pc.row.payload)))
+        log.info("node %d session attached (last acked command %d)", node.row.node_id, last_command_id)
+        return handle
+
+    def detach(self, node: NodeRuntime, handle: SessionHandle) -> None:
+        if node.session is handle:
+            node.session = None
+            if node.row.state != "dead":
+                node.detached_since_s = self.clock()
+                log.info("node %d session broke; grace %.2fs", node.row.node_id, self.config.session_grace_s)
+
+    def on_heartbeat(self, node: NodeRuntime) -> None:
+        node.last_seen_s = self.clock()
+
+    def on_failure(self, node: NodeRuntime, reason: str) -> None:
+        node.last_seen_s = self.clock()
+        if node.failed_reason is None and node.row.state != "dead":
+            node.failed_reason = reason or "reported by agent"
+
+    def on_worker_report(self, node: NodeRuntime, slot: int, state: str, exit_code: int, detail: str) -> None:
+        node.last_seen_s = self.clock()
+        log.debug("node %d slot %d: %s exit=%d %s", node.row.node_id, slot, state, exit_code, detail)
+
+    def on_step(self, node: NodeRuntime, generation: int, step: int, loss: float, samples_per_s: float) -> None:
+        node.last_seen_s = self.clock()
+        job = self.job
+        if job is None or generation != job.generation or job.state not in ACTIVE_JOB_STATES:
+            return
+        if step > job.step:
+            job.step = step
+            self._progress_dirty = True
+        self.loss, self.samples_per_s = loss, samples_per_s
+        self.metrics.step.set(job.step)
+        self.metrics.loss.set(loss)
+        self.metrics.samples_per_s.set(samples_per_s)
+        if self._resume_wait is not None and self._resume_wait[0] == generation:
+            _, acked_at, _ = self._resume_wait
+            self._resume_wait = None
+            resume_s = max(0.0, self.clock() - acked_at)
+            self.metrics.observe_phases({"resume": resume_s})
+            self._spawn(
+                self._record("resumed", f"first step of generation {generation}", durations={"resume": resume_s})
+            )
+        if job.step >= job.total_steps > 0:
+            self._spawn(self._finish("SUCCEEDED", f"reached step {job.step} of {job.total_steps}"))
+
+    async def on_ack(
+        self, node: NodeRuntime, command_id: int, generation: int, ok: bool, error: str, phases: dict[str, float]
+    ) -> None:
+        node.last_seen_s = self.clock()
+        await self._apply_ack(node.row.node_id, command_id, generation, ok, error, phases)
+
+    async def _apply_ack(
+        self, node_id: int, command_id: int, generation: int, ok: bool, error: str, phases: dict[str, float] | None
+    ) -> None:
+        pc = self.pending.get(command_id)
+        if pc is None:
+            log.info("node %d acked command %d which is not pending (ignored)", node_id, command_id)
+            return
+        if pc.row.node_id != node_id:
+            log.warning("node %d acked command %d of node %d (ignored)", node_id, command_id, pc.row.node_id)
+            return
+        del self.pending[command_id]
+        await self.store.call("ack_command", command_id, ok, error)
+        if not ok:
+            log.warning("node %d: command %d (%s) failed: %s", node_id, command_id, pc.row.kind, error)
+        if pc.row.kind == "drain" and node_id in self.nodes and self.nodes[node_id].row.state == "draining":
+            row = self.nodes[node_id].row
+            row.state, row.reason = "spare", "drained"
+            await self.store.call("save_node", row)
+            self._update_node_metrics()
+        if not pc.future.done():
+            pc.future.set_result((ok, error, phases or {}))
+
+    # -- commands ----------------------------------------------------------------------------------------
+    def _command(self, node_id: int, kind: str, **body: Any) -> CommandRow:
+        cmd_id = self._next_command_id
+        self._next_command_id += 1
+        msg = agent_pb2.Command(command_id=cmd_id, generation=self.generation, **body)
+        return CommandRow(cmd_id, node_id, self.generation, kind, msg.SerializeToString())
+
+    def _deliver(self, rows: list[CommandRow]) -> list[PendingCommand]:
+        loop = asyncio.get_running_loop()
+        out = []
+        for row in rows:
+            pc = PendingCommand(row, loop.create_future())
+            self.pending[row.command_id] = pc
+            out.append(pc)
+            node = self.nodes.get(row.node_id)
+            if node is not None and node.session is not None:
+                node.session.send(agent_pb2.MasterMessage(command=agent_pb2.Command.FromString(row.payload)))
+        return out
+
+    async def _commit_and_send(
+        self, rows: list[CommandRow], events: list[EventRow], nodes: list[NodeRow], save_job: bool = True
+    ) -> list[PendingCommand]:
+        """Persist job/plan, node states, commands and events in one transaction, then send."""
+        await self.store.call("commit_plan", self.job if save_job else None, nodes, rows, events)
+        for ev in events:
+            self._publish(ev)
+        return self._deliver(rows)
+
+    # -- detection -----------------------------------------------------------------------------------------
+    def detect_state(self) -> DetectState:
+        live = tuple(
+            NodeLiveness(
+                n.row.node_id,
+                n.last_seen_s,
+                n.detached_since_s,
+                n.failed_reason,
+                n.row.state in ("alive", "draining"),
+            )
+            for n in self.nodes.values()
+            if n.row.state != "dead"
+        )
+        return DetectState(live, self._pending_since)
+
+    async def detect_once(self) -> None:
+        now = self.clock()
+        decision, reason = decide(now, self.detect_state(), self.detect_config)
+        if reason != self._last_reason:
+            log.info("detector: %s", reason)
+            self._last_reason = reason
+        for node_id, why in decision.dead:
+            await self._declare_dead(node_id, why)
+        self._pending_since = decision.pending_since_s
+        if decision.reconfigure and (self._reconfig_task is None or self._reconfig_task.done()):
+            self._pending_since = None
+            lost = dict(self._lost)
+            drain = set(self._drain)
+            self._lost.clear()
+            self._drain.clear()
+            if lost or drain:
+                self._reconfig_task = asyncio.get_running_loop().create_task(self._reconfigure(lost, drain))
+        elif decision.reconfigure:
+            # A reconfiguration is in flight: keep the deaths pending for the next round.
+            self._pending_since = decision.pending_since_s
+
+    async def detector_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.detect_tick_s)
+            await self.detect_once()
+            if self._progress_dirty and self.job is not None:
+                self._progress_dirty = False
+                await self.store.call("update_progress", self.job.step, self.job.state, self.job.reason)
+
+    async def _declare_dead(self, node_id: int, why: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is None or node.row.state == "dead":
+            return
+        detect_s = max(0.0, self.clock() - node.last_seen_s)
+        was = node.row.state
+        node.row.state, node.row.reason = "dead", why
+        if node.session is not None:
+            node.session.close("FAILED_PRECONDITION", f"node {node_id} declared dead: {why}")
+            node.session = None
+        for cmd_id in [c for c, pc in self.pending.items() if pc.row.node_id == node_id]:
+            pc = self.pending.pop(cmd_id)
+            if not pc.future.done():
+                pc.future.set_result((False, "node dead", {}))
+        in_plan = was in ("alive", "draining") and any(node_id in p for p in self.pipelines)
+        if in_plan and self.job is not None and self.job.state in ACTIVE_JOB_STATES:
+            self._lost[node_id] = detect_s
+            if self._pending_since is None:
+                self._pending_since = self.clock()
+        self._death.set()
+        self._update_node_metrics()
+        await self.store.call("save_node", node.row)
+        await self.store.call("drop_commands_of", node_id)
+        await self._record("node_dead", why, node_id=node_id, durations={"detect": detect_s})
+
+    # -- job start ------------------------------------------------------------------------------------------
+    def _planning_nodes(self) -> list[planning.NodeInfo]:
+        return [
+            planning.NodeInfo(n.row.node_id, n.row.address, n.row.slots, n.row.gpu_memory_bytes, n.row.store_port)
+            for n in sorted(self.nodes.values(), key=lambda n: n.row.node_id)
+            if n.row.state in ("alive", "spare") and n.failed_reason is None
+        ]
+
+    def _cluster_params(self) -> planning.ClusterParams:
+        c = self.config
+        return planning.ClusterParams(
+            c.cpu_memory_bytes_per_slot,
+            c.intra_node_bytes_per_s,
+            c.inter_node_bytes_per_s,
+            c.optimizer_state_factor,
+            c.reserved_bytes,
+        )
+
+    async def submit_job(self, spec_yaml: str) -> tuple[str, int]:
+        from oobleck.common.jobspec import parse_job_spec
+        from oobleck.common.validate import ConfigError
+
+        async with self._plan_lock:
+            if self.job is not None and self.job.state not in TERMINAL_JOB_STATES:
+                raise MasterError(
+                    "FAILED_PRECONDITION",
+                    f"job {self.job.job_id} is {self.job.state}; cancel it before submitting another",
+                )
+            try:
+                spec = await asyncio.to_thread(parse_job_spec, spec_yaml)
+            except ConfigError as exc:
+                raise MasterError("INVALID_ARGUMENT", f"job_spec_yaml: {exc}") from None
+            if spec.profile is None:
+                raise MasterError(
+                    "FAILED_PRECONDITION",
+                    "profile: the job spec names no profile file; profiling runs are not supported yet, "
+                    "so set `profile:` to a profile JSON (oobleck-profile/1) readable by the master",
+                )
+            planner = self.planner
+            try:
+                profile = await asyncio.to_thread(planner.load_profile, spec.profile)
+            except (OSError, ValueError) as exc:
+                raise MasterError("INVALID_ARGUMENT", f"profile: cannot load {spec.profile!r}: {exc}") from None
+            candidates, odd = planning.plannable_nodes(self._planning_nodes())
+            if not candidates:
+                raise MasterError("FAILED_PRECONDITION", "no live nodes are registered; start agents first")
+            generation = self.generation + 1
+            try:
+                ctx = await asyncio.to_thread(
+                    planning.make_context,
+                    planner,
+                    profile,
+                    candidates,
+                    self._cluster_params(),
+                    ft=spec.ft,
+                    microbatches=spec.num_microbatches,
+                    min_nodes=spec.min_nodes,
+                )
+                layout = await asyncio.to_thread(planning.first_layout, planner, ctx, candidates, generation=generation)
+            except planner.InfeasibleError as exc:
+                raise MasterError(
+                    "FAILED_PRECONDITION", f"cannot plan the job on {len(candidates)} nodes: {exc}"
+                ) from None
+            except planner.PlannerError as exc:
+                raise MasterError("INVALID_ARGUMENT", f"planner rejected the job: {exc}") from None
+            job_id = uuid.uuid4().hex[:12]
+            self.ctx = ctx
+            self.job = JobRow(
+                job_id=job_id,
+                spec_yaml=spec_yaml,
+                state="STARTING",
+                reason="waiting for workers to start",
+                generation=generation,
+                plan=layout.plan.SerializeToString(),
+                plan_json={"pipelines": [list(p) for p in layout.pipelines], **ctx.to_json()},
+                step=0,
+                total_steps=spec.steps,
+            )
+            self.pipelines = layout.pipelines
+            self.loss = self.samples_per_s = 0.0
+            self.metrics.generation.set(generation)
+            self.metrics.step.set(0)
+            in_plan = set(layout.nodes)
+            changed = []
+            for n in self.nodes.values():
+                if n.row.state in ("alive", "spare"):
+                    n.row.state = "alive" if n.row.node_id in in_plan else "spare"
+                    n.row.reason = "" if n.row.node_id in in_plan else "not in the plan"
+                    changed.append(n.row)
+            rows = [
+                self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=spec_yaml))
+                for n in layout.nodes
+            ]
+            ev = self._new_event(
+                "job_submitted",
+                f"job {job_id} ({spec.name}): {len(layout.pipelines)} pipelines over {len(in_plan)} nodes, "
+                f"{len(candidates) - len(in_plan) + len(odd)} spares",
+            )
+            waits = await self._commit_and_send(rows, [ev], changed)
+            self._update_node_metrics()
+            self._spawn(self._await_acks_then_settle(waits, self.config.start_ack_timeout_s))
+            return job_id, generation
+
+    async def _await_acks(
+        self, waits: list[PendingCommand], timeout_s: float
+    ) -> tuple[list[int], dict[str, float], list[int]]:
+        """Wait for acks until the deadline. Returns (missing or failed nodes, max phases, ok nodes)."""
+        futures = {pc.future: pc.row.node_id for pc in waits}
+        if futures:
+            await asyncio.wait(list(futures), timeout=timeout_s)
+        bad, ok_nodes, phases = [], [], {"regroup": 0.0, "copy": 0.0}
+        for fut, node_id in futures.items():
+            if not fut.done():
+                bad.append(node_id)
+                continue
+            ok, _error, ph = fut.result()
+            if not ok:
+                bad.append(node_id)
+                continue
+            ok_nodes.append(node_id)
+            for k in ("regroup", "copy"):
+                phases[k] = max(phases[k], float(ph.get(k, 0.0)))
+        return bad, phases, ok_nodes
+
+    async def _fail_nodes(self, nodes: list[int], why: str) -> None:
+        for node_id in nodes:
+            node = self.nodes.get(node_id)
+            if node is not None and node.row.state != "dead":
+                node.failed_reason = why
+                await self._declare_dead(node_id, why)
+
+    async def _await_acks_then_settle(self, waits: list[PendingCommand], timeout_s: float) -> None:
+        generation = self.generation
+        bad, _phases, _ok = await self._await_acks(waits, timeout_s)
+        if self.job is None or self.job.generation != generation:
+            return
+        missing = [n for n in bad if self.nodes.get(n) and self.nodes[n].row.state != "dead"]
+        await self._fail_nodes(missing, f"no ack for generation {generation} within {timeout_s:g}s")
+        if not bad and self.job.state in ("STARTING", "RECONFIGURING"):
+            self.job.state, self.job.reason = "RUNNING", ""
+            await self.store.call("save_job", self.job)
+            await self._record("running", f"all nodes acked generation {generation}")
+
+    # -- reconfiguration ------------------------------------------------------------------------------------
+    async def _ensure_ctx(self) -> planning.PlanContext:
+        if self.ctx is None:
+            assert self.job is not None
+            self.ctx = await asyncio.to_thread(planning.context_from_json, self.planner, self.job.plan_json)
+        return self.ctx
+
+    def _node_infos(self) -> dict[int, planning.NodeInfo]:
+        return {
+            n.row.node_id: planning.NodeInfo(
+                n.row.node_id, n.row.address, n.row.slots, n.row.gpu_memory_bytes, n.row.store_port
+            )
+            for n in self.nodes.values()
+        }
+
+    async def _reconfigure(self, lost: dict[int, float], drain: set[int]) -> None:
+        async with self._plan_lock:
+            job = self.job
+            if job is None or job.state not in ACTIVE_JOB_STATES:
+                return
+            gone = set(lost) | drain
+            gone &= {n for p in self.pipelines for n in p}
+            if not gone:
+                return
+            detect_s = max(lost.values(), default=0.0)
+            t0 = self.clock()
+            generation = job.generation + 1
+            planner = self.planner
+            try:
+                ctx = await self._ensure_ctx()
+                layout = await asyncio.to_thread(
+                    planning.next_layout,
+                    planner,
+                    ctx,
+                    self.pipelines,
+                    sorted(gone),
+                    self._node_infos(),
+                    generation=generation,
+                    resume_step=job.step,
+                )
+            except planner.InfeasibleError as exc:
+                await self._pause(f"not enough nodes after losing {sorted(gone)}: {exc}")
+                return
+            plan_s = self.clock() - t0
+            self.metrics.reconfigurations.inc()
+            job.generation, job.state = generation, "RECONFIGURING"
+            job.reason = f"lost nodes {sorted(lost)}" + (f", draining {sorted(drain)}" if drain else "")
+            job.plan = layout.plan.SerializeToString()
+            job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
+            self.pipelines = layout.pipelines
+            self.metrics.generation.set(generation)
+            t1 = self.clock()
+            survivors = layout.nodes
+            changed = []
+            for node_id in drain:
+                n = self.nodes[node_id]
+                if n.row.state != "dead":
+                    n.row.state, n.row.reason = "draining", "drained by operator"
+                    changed.append(n.row)
+            for node_id in layout.spares:
+                n = self.nodes.get(node_id)
+                if n is not None and n.row.state == "alive":
+                    n.row.state, n.row.reason = "spare", "left out of the new plan"
+                    changed.append(n.row)
+            rows = [
+                self._command(n, "reconfigure", reconfigure=agent_pb2.Reconfigure(plan=layout.plan)) for n in survivors
+            ]
+            rows += [
+                self._command(n, "drain", drain=agent_pb2.Drain(reason="drained by operator"))
+                for n in drain
+                if self.nodes[n].row.state == "draining"
+            ]
+            ev = self._new_event(
+                "reconfiguring",
+                f"generation {generation}: {len(layout.pipelines)} pipelines over {len(survivors)} nodes "
+                f"({layout.reason or 'replanned'})",
+                durations={"detect": detect_s, "plan": plan_s},
+            )
+            waits = await self._commit_and_send(rows, [ev], changed)
+            self._update_node_metrics()
+            notify_s = self.clock() - t1
+            recon_waits = [w for w in waits if w.row.kind == "reconfigure"]
+            bad, phases, _ok = await self._await_acks(recon_waits, self.config.reconfigure_ack_timeout_s)
+            durations = {"detect": detect_s, "plan": plan_s, "notify": notify_s, **phases}
+            self.metrics.observe_phases(durations)
+            if bad:
+                missing = [n for n in bad if self.nodes[n].row.state != "dead"]
+                await self._fail_nodes(missing, f"missed the ack deadline of generation {generation}")
+                await self._record(
+                    "reconfigure_incomplete", f"generation {generation}: no ack from {sorted(bad)}", durations=durations
+                )
+                return  # the detector starts the next generation for the newly dead nodes
+            job.state, job.reason = "RUNNING", ""
+            await self.store.call("save_job", job)
+            self._resume_wait = (generation, self.clock(), durations)
+            await self._record(
+                "reconfigured", f"generation {generation} acked by {len(survivors)} nodes", durations=durations
+            )
+
+    async def _pause(self, reason: str) -> None:
+        job = self.job
+        assert job is not None
+        job.state, job.reason = "PAUSED", reason
+        survivors = [n for p in self.pipelines for n in p if self.nodes[n].row.state == "alive"]
+        changed = []
+        for node_id in survivors:
+            self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "spare", "job paused"
+            changed.append(self.nodes[node_id].row)
+        self.pipelines = ()
+        job.plan_json = {**job.plan_json, "pipelines": []}
+        rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in survivors]
+        await self._commit_and_send(rows, [self._new_event("job_paused", reason)], changed)
+        self._update_node_metrics()
+
+    async def _resume_after_restart(self) -> None:
+        # Give the agents one heartbeat timeout to re-attach, then see whether they suffice.
+        await asyncio.sleep(self.config.heartbeat_timeout_s)
+        await self._try_resume()
+
+    async def _try_resume(self) -> None:
+        """A PAUSED job restarts from its checkpoint once the registered nodes can hold a plan."""
+        async with self._plan_lock:
+            job = self.job
+            if job is None or job.state != "PAUSED":
+                return
+            candidates, _ = planning.plannable_nodes(self._planning_nodes())
+            if not candidates:
+                return
+            planner = self.planner
+            generation = job.generation + 1
+            try:
+                ctx = await self._ensure_ctx()
+                layout = await asyncio.to_thread(
+                    planning.first_layout,
+                    planner,
+                    ctx,
+                    candidates,
+                    generation=generation,
+                    resume_step=job.step,
+                    restore_from_checkpoint=True,
+                )
+            except planner.PlannerError as exc:
+                log.info("job still paused: %s", exc)
+                return
+            job.generation, job.state, job.reason = generation, "STARTING", "restoring from checkpoint"
+            job.plan = layout.plan.SerializeToString()
+            job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
+            self.pipelines = layout.pipelines
+            self.metrics.generation.set(generation)
+            changed = []
+            for node_id in layout.nodes:
+                self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "alive", ""
+                changed.append(self.nodes[node_id].row)
+            rows = [
+                self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=job.spec_yaml))
+                for n in layout.nodes
+            ]
+            ev = self._new_event("job_resumed", f"generation {generation} restores from the latest checkpoint")
+            waits = await self._commit_and_send(rows, [ev], changed)
+            self._update_node_metrics()
+            self._spawn(self._await_acks_then_settle(waits, self.config.start_ack_timeout_s))
+
+    async def _finish(self, state: str, reason: str) -> None:
+        async with self._plan_lock:
+            job = self.job
+            if job is None or job.state not in (*ACTIVE_JOB_STATES, "PAUSED"):
+                return
+            job.state, job.reason = state, reason
+            plan_nodes = [n for p in self.pipelines for n in p if self.nodes[n].row.state in ("alive", "draining")]
+            changed = []
+            for node_id in plan_nodes:
+                self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "spare", f"job {state.lower()}"
+                changed.append(self.nodes[node_id].row)
+            rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in plan_nodes]
+            self._lost.clear()
+            self._drain.clear()
+            self._pending_since = None
+            await self._commit_and_send(rows, [self._new_event(f"job_{state.lower()}", reason)], changed)
+            self._update_node_metrics()
+
+    # -- admin -------------------------------------------------------------------------------------------------
+    def _existing(self, node_id: int) -> NodeRuntime:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise MasterError("NOT_FOUND", f"node_id: no node {node_id} (see `oobleckctl nodes`)")
+        return node
+
+    async def drain_node(self, node_id: int) -> None:
+        node = self._existing(node_id)
+        if node.row.state == "dead":
+            raise MasterError("FAILED_PRECONDITION", f"node_id: node {node_id} is dead")
+        if node.row.state != "alive" or self.job is None or self.job.state not in ACTIVE_JOB_STATES:
+            raise MasterError(
+                "FAILED_PRECONDITION", f"node_id: node {node_id} is {node.row.state}, not part of a running plan"
+            )
+        self._drain.add(node_id)
+        if self._pending_since is None:
+            self._pending_since = self.clock()
+        await self._record("drain_requested", f"operator drains node {node_id}", node_id=node_id)
+
+    async def kill_node(self, node_id: int) -> None:
+        node = self._existing(node_id)
+        if node.row.state == "dead":
+            raise MasterError("FAILED_PRECONDITION", f"node_id: node {node_id} is already dead")
+        row = self._command(node_id, "kill", kill=agent_pb2.Kill(reason="fault drill requested by operator"))
+        await self._commit_and_send(
+            [row], [self._new_event("kill_requested", "fault drill", node_id=node_id)], [], False
+        )
+
+    async def cancel_job(self, reason: str) -> None:
+        if self.job is None or self.job.state in TERMINAL_JOB_STATES:
+            raise MasterError("FAILED_PRECONDITION", "no job to cancel")
+        await self._finish("CANCELLED", reason or "cancelled by operator")

@@ -1,0 +1,417 @@
+"""The gRPC edge: servicers (validation, proto <-> dataclass) and the server that hosts them.
+
+:class:`MasterServer` assembles the master: SQLite state, gRPC (agent + admin services, health,
+reflection, bearer-token interceptor, TLS), HTTP (metrics, status) and the detector task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from oobleck.common.auth import TokenAuthInterceptor, read_token_file
+from oobleck.common.jobspec import MAX_SPEC_BYTES
+from oobleck.common.tls import ServerTls, add_port, server_options
+from oobleck.master.config import MasterConfig
+from oobleck.master.core import Master, MasterError, RegisterInfo
+from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+HELLO_TIMEOUT_S = 10.0
+MAX_NAME_CHARS = 253
+MAX_TEXT_CHARS = 1024
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+
+
+def _text(value: str, field: str, *, max_chars: int = MAX_NAME_CHARS, allow_empty: bool = False) -> str:
+    if not value and not allow_empty:
+        raise _Invalid(field, "must not be empty")
+    if len(value) > max_chars:
+        raise _Invalid(field, f"at most {max_chars} characters, got {len(value)}")
+    if any(not ch.isprintable() for ch in value):
+        raise _Invalid(field, "must not contain control characters")
+    return value
+
+
+def _int(value: int, field: str, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise _Invalid(field, f"must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _finite(value: float, field: str, lo: float = -math.inf) -> float:
+    if math.isnan(value) and field.endswith("loss"):
+        return value  # a diverging loss is a fact to report, not a bad request
+    if not math.isfinite(value) or value < lo:
+        raise _Invalid(field, f"must be a finite number >= {lo:g}, got {value!r}")
+    return value
+
+
+def _details(message: str) -> str:
+    # Status details travel as UTF-8: escape what cannot be encoded (lone surrogates from input
+    # echoed in an error message) rather than failing to send the status at all.
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")[:4096]
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, _Invalid):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(str(exc)))
+    if isinstance(exc, MasterError):
+        await context.abort(getattr(grpc.StatusCode, exc.code), _details(exc.message))
+    log.exception("internal error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    async def Register(self, request: agent_pb2.RegisterRequest, context) -> agent_pb2.RegisterResponse:
+        try:
+            info = RegisterInfo(
+                node_name=_text(request.node_name, "node_name"),
+                address=_text(request.address, "address"),
+                slots=_int(request.slots, "slots", 1, 1024),
+                gpu_memory_bytes=_int(request.gpu_memory_bytes, "gpu_memory_bytes", 0, 1 << 50),
+                software_version=_text(request.software_version, "software_version", allow_empty=True),
+                nonce=_text(request.nonce, "nonce", max_chars=128),
+                store_port=_int(request.store_port, "store_port", 0, 65535),
+                node_id=_int(request.node_id, "node_id", 0, 1 << 62),
+            )
+            if any(ch.isspace() for ch in info.address):
+                raise _Invalid("address", "must not contain whitespace")
+            res = await self.master.on_register(info)
+        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
+            await _abort(context, exc)
+        return agent_pb2.RegisterResponse(
+            node_id=res.node_id,
+            lease_s=res.lease_s,
+            heartbeat_interval_s=res.heartbeat_interval_s,
+            heartbeat_timeout_s=res.heartbeat_timeout_s,
+            job_spec_yaml=res.job_spec_yaml,
+            generation=res.generation,
+        )
+
+    async def Session(self, request_iterator, context):
+        master = self.master
+        try:
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"hello: not received within {HELLO_TIMEOUT_S:g}s")
+        if first is grpc.aio.EOF:
+            return
+        try:
+            if first.WhichOneof("body") != "hello":
+                raise _Invalid("hello", f"the first message must be hello, got {first.WhichOneof('body')}")
+            hello = first.hello
+            _int(hello.node_id, "hello.node_id", 1, 1 << 62)
+            _text(hello.nonce, "hello.nonce", max_chars=128)
+            _int(hello.last_generation, "hello.last_generation", 0, 1 << 62)
+            _int(hello.last_command_id, "hello.last_command_id", 0, 1 << 62)
+            node = master.session_node(hello.node_id, hello.nonce)
+        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
+            await _abort(context, exc)
+        handle = master.attach(node, hello.last_command_id)
+        reader = asyncio.get_running_loop().create_task(self._read(node, handle, context))
+        try:
+            while True:
+                item = await handle.queue.get()
+                if isinstance(item, agent_pb2.MasterMessage):
+                    await context.write(item)
+                    continue
+                if item.code is not None:
+                    await context.abort(getattr(grpc.StatusCode, item.code), _details(item.message))
+                return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+            master.detach(node, handle)
+
+    async def _read(self, node, handle, context) -> None:
+        master = self.master
+        try:
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    break
+                kind = msg.WhichOneof("body")
+                if kind == "heartbeat":
+                    master.on_heartbeat(node)
+                elif kind == "step":
+                    s = msg.step
+                    master.on_step(
+                        node,
+                        _int(s.generation, "step.generation", 0, 1 << 62),
+                        _int(s.step, "step.step", 0, 1 << 62),
+                        _finite(s.loss, "step.loss"),
+                        _finite(s.samples_per_s, "step.samples_per_s", 0.0),
+                    )
+                elif kind == "ack":
+                    a = msg.ack
+                    phases = {
+                        "regroup": _finite(a.phases.regroup_s, "ack.phases.regroup_s", 0.0),
+                        "copy": _finite(a.phases.copy_s, "ack.phases.copy_s", 0.0),
+                    }
+                    await master.on_ack(
+                        node,
+                        _int(a.command_id, "ack.command_id", 1, 1 << 62),
+                        a.generation,
+                        a.ok,
+                        _text(a.error, "ack.error", max_chars=MAX_TEXT_CHARS * 4, allow_empty=True),
+                        phases,
+                    )
+                elif kind == "failure":
+                    master.on_failure(node, msg.failure.reason[:MAX_TEXT_CHARS])
+                elif kind == "worker":
+                    w = msg.worker
+                    master.on_worker_report(
+                        node, w.slot, agent_pb2.WorkerState.Name(w.state) if w.state in (0, 1, 2, 3, 4) else "?",
+                        w.exit_code, w.detail[:MAX_TEXT_CHARS],
+                    )  # fmt: skip
+                elif kind == "hello":
+                    raise _Invalid("hello", "sent twice in one session")
+                else:
+                    raise _Invalid("body", "empty agent message")
+            handle.close()
+        except _Invalid as exc:
+            log.warning("node %d sent a bad message: %s", node.row.node_id, exc)
+            handle.close("INVALID_ARGUMENT", str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke (peer gone); the session ends
+            log.info("node %d session read ended: %s", node.row.node_id, type(exc).__name__)
+            handle.close()
+
+
+def _event_proto(ev) -> admin_pb2.Event:
+    return admin_pb2.Event(
+        id=ev.id,
+        unix_time_s=ev.unix_time_s,
+        kind=ev.kind,
+        node_id=ev.node_id,
+        generation=ev.generation,
+        step=ev.step,
+        message=ev.message,
+        durations_s=ev.durations_s,
+    )
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    async def SubmitJob(self, request, context):
+        try:
+            if not request.job_spec_yaml.strip():
+                raise _Invalid("job_spec_yaml", "must not be empty")
+            if len(request.job_spec_yaml.encode()) > MAX_SPEC_BYTES:
+                raise _Invalid("job_spec_yaml", f"larger than {MAX_SPEC_BYTES} bytes")
+            job_id, generation = await self.master.submit_job(request.job_spec_yaml)
+        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
+            await _abort(context, exc)
+        return admin_pb2.SubmitJobResponse(job_id=job_id, generation=generation)
+
+    async def GetStatus(self, request, context):
+        s = self.master.status()
+        return admin_pb2.GetStatusResponse(
+            job_id=s.job_id,
+            state=admin_pb2.JobState.Value("JOB_STATE_" + s.state),
+            reason=s.reason,
+            generation=s.generation,
+            step=s.step,
+            total_steps=s.total_steps,
+            loss=s.loss if math.isfinite(s.loss) else 0.0,
+            samples_per_s=s.samples_per_s,
+            nodes_alive=s.nodes_alive,
+            nodes_dead=s.nodes_dead,
+            spares=s.spares,
+            plan=s.plan,
+        )
+
+    async def ListNodes(self, request, context):
+        return admin_pb2.ListNodesResponse(
+            nodes=[
+                admin_pb2.NodeInfo(
+                    node_id=n.node_id,
+                    name=n.name,
+                    address=n.address,
+                    slots=n.slots,
+                    state=admin_pb2.NodeState.Value("NODE_STATE_" + n.state.upper()),
+                    last_seen_s_ago=n.last_seen_s_ago,
+                    reason=n.reason,
+                )
+                for n in self.master.list_nodes()
+            ]
+        )
+
+    async def WatchEvents(self, request, context):
+        try:
+            since = _int(request.since_id, "since_id", 0, 1 << 62)
+        except _Invalid as exc:
+            await _abort(context, exc)
+        q = self.master.watch() if request.follow else None
+        try:
+            last = since
+            for ev in await self.master.events_since(since):
+                last = ev.id
+                yield _event_proto(ev)
+            while q is not None:
+                ev = await q.get()
+                if ev is None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "watcher too slow; reconnect with since_id")
+                if ev.id > last:
+                    last = ev.id
+                    yield _event_proto(ev)
+        finally:
+            if q is not None:
+                self.master.unwatch(q)
+
+    async def DrainNode(self, request, context):
+        try:
+            await self.master.drain_node(_int(request.node_id, "node_id", 1, 1 << 62))
+        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
+            await _abort(context, exc)
+        return admin_pb2.DrainNodeResponse()
+
+    async def KillNode(self, request, context):
+        try:
+            await self.master.kill_node(_int(request.node_id, "node_id", 1, 1 << 62))
+        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
+            await _abort(context, exc)
+        return admin_pb2.KillNodeResponse()
+
+    async def CancelJob(self, request, context):
+        try:
+            await self.master.cancel_job(_text(request.reason, "reason", max_chars=MAX_TEXT_CHARS, allow_empty=True))
+        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
+            await _abort(context, exc)
+        return admin_pb2.CancelJobResponse()
+
+
+def write_ready_file(path: str, data: dict[str, Any]) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _StopRequested(Exception):
+    pass
+
+
+class MasterServer:
+    """The whole daemon. ``await start()`` binds (port 0 allowed); ``run()`` serves until stop."""
+
+    def __init__(self, config: MasterConfig, *, planner: Any = None) -> None:
+        self.config = config
+        self.master = Master(config, planner=planner)
+        self.grpc_port = 0
+        self.http_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self._http_runner: Any = None
+        self._stop = asyncio.Event()
+        self._started = False
+
+    async def start(self) -> None:
+        cfg = self.config
+        agent_token = await asyncio.to_thread(read_token_file, cfg.token_file)
+        admin_token = await asyncio.to_thread(read_token_file, cfg.admin_token_file)
+        await self.master.open()
+        interceptor = TokenAuthInterceptor(
+            {f"/{AGENT_SERVICE}/": agent_token, f"/{ADMIN_SERVICE}/": admin_token},
+            on_reject=lambda method, why: self.master.metrics.auth_failures.inc(),
+        )
+        server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_bytes))
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.master), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.master), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (AGENT_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+        tls = ServerTls(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file) if cfg.tls_enabled else None
+        self.grpc_port = add_port(server, cfg.listen, tls=tls, allow_insecure=cfg.allow_insecure)
+        await server.start()
+        self._server = server
+        for name in ("", AGENT_SERVICE, ADMIN_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.http_listen:
+            from oobleck.master.http import start_http
+
+            self._http_runner, self.http_port = await start_http(self, cfg.http_listen)
+        self._started = True
+        if cfg.ready_file:
+            ready = {"pid": os.getpid(), "grpc_port": self.grpc_port, "http_port": self.http_port}
+            await asyncio.to_thread(write_ready_file, cfg.ready_file, ready)
+        log.info("master serving: gRPC port %d, HTTP port %d", self.grpc_port, self.http_port)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _wait_stop(self) -> None:
+        await self._stop.wait()
+        raise _StopRequested
+
+    async def run(self) -> None:
+        """Start, serve until :meth:`request_stop` (or a supervised task fails), then stop."""
+        if not self._started:
+            await self.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.master.detector_loop(), name="detector")
+                tg.create_task(self._wait_stop(), name="stop-waiter")
+        except* _StopRequested:
+            pass
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop accepting, give running RPCs ``shutdown_grace_s``, then stop. Safe to call twice."""
+        if not self._started:
+            return
+        self._started = False
+        log.info("master stopping (grace %.1fs)", self.config.shutdown_grace_s)
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        if self._server is not None:
+            self.master.end_sessions()  # so the grace is not spent waiting on agent streams
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.shutdown_grace_s
+            while self.master.attached_sessions() and loop.time() < deadline:
+                await asyncio.sleep(0.01)  # let the session handlers send their final status
+            await self._server.stop(self.config.shutdown_grace_s)
+        await self.master.close()

@@ -1,0 +1,313 @@
+"""Load benchmark for the master (not a test): many simulated agents heartbeating to one master.
+
+    .venv/bin/python scripts/bench/master_load.py [--agents 1000] [--procs 4] [--silent 10]
+
+Starts ``oobleck-master`` (loopback, port 0, temporary state), then ``--procs`` client processes
+that each register and hold ``agents/procs`` sessions over grpc.aio, sending a heartbeat every
+``--heartbeat-interval-s``. After a warm-up, ``--silent`` agents stop heartbeating at once (their
+streams stay open, so only the heartbeat timeout can catch them). Reports:
+- heartbeat_p99_ms: p99 time for a heartbeat write to be accepted by the transport (client side);
+- detect_p99_s: p99 of (node_dead event time - that agent's last heartbeat), target <= timeout + 0.5;
+- false_dead: nodes declared dead that were never silenced (must be 0);
+- master_rss_mb: the master's resident memory at the end.
+The last line printed is one JSON object with these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+# -- client process ---------------------------------------------------------------------------------
+async def client_main(target: str, token: str, count: int, first: int, interval_s: float, channels: int) -> None:
+    import grpc
+
+    from oobleck.common.tls import aio_channel
+    from oobleck.protos.v1 import agent_pb2, agent_pb2_grpc
+
+    chans = [aio_channel(target, token=token) for _ in range(channels)]
+    stubs = [agent_pb2_grpc.AgentServiceStub(c) for c in chans]
+    latencies: list[float] = []
+    silent: set[int] = set()
+    last_hb: dict[int, float] = {}
+    node_ids: list[int] = []
+    measuring = False
+
+    async def agent(i: int, ready: asyncio.Event) -> None:
+        stub = stubs[i % channels]
+        nonce = secrets.token_hex(8)
+        res = await stub.Register(
+            agent_pb2.RegisterRequest(
+                node_name=f"sim{first + i}", address="127.0.0.1", slots=1, software_version="bench", nonce=nonce,
+                store_port=1,
+            ),
+            timeout=60,
+        )  # fmt: skip
+        node = res.node_id
+        node_ids.append(node)
+        call = stub.Session()
+        await call.write(agent_pb2.AgentMessage(hello=agent_pb2.SessionHello(node_id=node, nonce=nonce)))
+        ready.set()
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(interval_s * (i % 50) / 50)  # spread the heartbeats
+        seq = 0
+        nxt = loop.time()
+        try:
+            while True:
+                if node not in silent:
+                    seq += 1
+                    t0 = time.perf_counter()
+                    await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq)))
+                    if measuring:
+                        latencies.append((time.perf_counter() - t0) * 1000)
+                    last_hb[node] = time.time()
+                nxt += interval_s
+                await asyncio.sleep(max(0.0, nxt - loop.time()))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            print(json.dumps({"event": "session_error", "node": node, "error": str(exc)[:200]}), flush=True)
+
+    tasks = []
+    readies = []
+    for i in range(count):
+        ev = asyncio.Event()
+        readies.append(ev)
+        tasks.append(asyncio.create_task(agent(i, ev)))
+        if i % 50 == 49:
+            await asyncio.gather(*(e.wait() for e in readies))
+    await asyncio.gather(*(e.wait() for e in readies))
+    print(json.dumps({"event": "ready", "nodes": len(node_ids)}), flush=True)
+
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).decode().strip()
+        if not line or line == "stop":
+            break
+        cmd, _, arg = line.partition(" ")
+        if cmd == "measure":
+            measuring = True
+        elif cmd == "silence":
+            victims = sorted(node_ids)[: int(arg)]
+            silent.update(victims)
+            print(json.dumps({"event": "silenced", "nodes": victims}), flush=True)
+        elif cmd == "last":
+            print(json.dumps({"event": "last", "last_hb": {str(n): last_hb.get(n, 0.0) for n in silent}}), flush=True)
+    print(
+        json.dumps(
+            {"event": "stats", "count": len(latencies), "p50": percentile(latencies, 0.5),
+             "p99": percentile(latencies, 0.99), "latencies_sample": latencies[-20000:]}
+        ),
+        flush=True,
+    )  # fmt: skip
+    for t in tasks:
+        t.cancel()
+    for c in chans:
+        await c.close()
+
+
+# -- driver -------------------------------------------------------------------------------------------
+class Client:
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True, bufsize=1
+        )
+        self.lines: asyncio.Queue = asyncio.Queue()
+
+    async def pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, self.proc.stdout.readline)
+            if not line:
+                await self.lines.put(None)
+                return
+            try:
+                await self.lines.put(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+
+    async def expect(self, event: str, timeout_s: float) -> dict:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            msg = await asyncio.wait_for(self.lines.get(), max(0.01, remaining))
+            if msg is None:
+                raise RuntimeError(f"client exited before {event}")
+            if msg.get("event") == event:
+                return msg
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def driver(args) -> dict:
+    import grpc
+
+    from oobleck.common.tls import aio_channel
+    from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc
+
+    tmp = Path(tempfile.mkdtemp(prefix="oobleck-bench-"))
+    (tmp / "agent.token").write_text(secrets.token_hex(16))
+    (tmp / "admin.token").write_text(secrets.token_hex(16))
+    ready = tmp / "ready.json"
+    master_argv = [
+        str(Path(sys.executable).parent / "oobleck-master"), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+        "--state-file", str(tmp / "state.db"), "--token-file", str(tmp / "agent.token"),
+        "--admin-token-file", str(tmp / "admin.token"), "--ready-file", str(ready),
+        "--heartbeat-interval-s", str(args.heartbeat_interval_s),
+        "--heartbeat-timeout-s", str(args.heartbeat_timeout_s),
+        "--max-nodes", str(args.agents + 100), "--log-level", "WARNING",
+    ]  # fmt: skip
+    master = subprocess.Popen(master_argv, start_new_session=True)
+    clients: list[Client] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if master.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("master did not start")
+            await asyncio.sleep(0.05)
+        info = json.loads(ready.read_text())
+        target = f"127.0.0.1:{info['grpc_port']}"
+        per = [args.agents // args.procs + (1 if i < args.agents % args.procs else 0) for i in range(args.procs)]
+        first = 0
+        for count in per:
+            clients.append(
+                Client([sys.executable, __file__, "--client", target, (tmp / "agent.token").read_text(), str(count),
+                        str(first), str(args.heartbeat_interval_s), str(args.channels)])
+            )  # fmt: skip
+            first += count
+        pumps = [asyncio.create_task(c.pump()) for c in clients]
+        t_reg = time.monotonic()
+        for c in clients:
+            await c.expect("ready", 300)
+        print(f"{args.agents} agents registered in {time.monotonic() - t_reg:.1f}s", flush=True)
+
+        admin = aio_channel(target, token=(tmp / "admin.token").read_text())
+        stub = admin_pb2_grpc.AdminServiceStub(admin)
+        deaths: list = []
+
+        async def watch() -> None:
+            try:
+                async for ev in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=True)):
+                    if ev.kind == "node_dead":
+                        deaths.append(ev)
+            except grpc.aio.AioRpcError:
+                pass
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(args.warmup_s)
+        for c in clients:
+            c.send("measure")
+        rtts = []
+        t_end = time.monotonic() + args.measure_s
+        while time.monotonic() < t_end:
+            t0 = time.perf_counter()
+            await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
+            rtts.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.1)
+        clients[0].send(f"silence {args.silent}")
+        silenced = set((await clients[0].expect("silenced", 30))["nodes"])
+        t_silence = time.monotonic()
+        while len([d for d in deaths if d.node_id in silenced]) < len(silenced):
+            if time.monotonic() - t_silence > args.heartbeat_timeout_s + 30:
+                break
+            await asyncio.sleep(0.05)
+        clients[0].send("last")
+        last = {int(k): v for k, v in (await clients[0].expect("last", 30))["last_hb"].items()}
+        await asyncio.sleep(args.after_s)  # keep going: nobody else may die
+        rss = rss_mb(master.pid)
+        stats = []
+        for c in clients:
+            c.send("stop")
+        for c in clients:
+            stats.append(await c.expect("stats", 60))
+        watcher.cancel()
+        await admin.close()
+        for p in pumps:
+            p.cancel()
+        detect = [d.unix_time_s - last[d.node_id] for d in deaths if d.node_id in silenced and d.node_id in last]
+        lat = [x for s in stats for x in s["latencies_sample"]]
+        result = {
+            "agents": args.agents,
+            "heartbeat_p99_ms": round(percentile(lat, 0.99), 3),
+            "detect_p99_s": round(percentile(detect, 0.99), 3),
+            "false_dead": len([d for d in deaths if d.node_id not in silenced]),
+            "master_rss_mb": round(rss, 1),
+        }
+        print(
+            f"detected {len(detect)}/{len(silenced)} silent agents; "
+            f"detect max {max(detect, default=float('nan')):.3f}s; "
+            f"heartbeats measured {sum(s['count'] for s in stats)}; GetStatus p99 under load "
+            f"{percentile(rtts, 0.99):.1f} ms",
+            flush=True,
+        )
+        return result
+    finally:
+        for c in clients:
+            c.stop()
+        if master.poll() is None:
+            master.send_signal(signal.SIGTERM)
+            try:
+                master.wait(15)
+            except subprocess.TimeoutExpired:
+                master.kill()
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        target, token, count, first, interval, channels = sys.argv[2:8]
+        asyncio.run(client_main(target, token, int(count), int(first), float(interval), int(channels)))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--agents", type=int, default=1000)
+    p.add_argument("--procs", type=int, default=4)
+    p.add_argument("--channels", type=int, default=8, help="gRPC channels per client process")
+    p.add_argument("--silent", type=int, default=10)
+    p.add_argument("--heartbeat-interval-s", type=float, default=0.5)
+    p.add_argument("--heartbeat-timeout-s", type=float, default=2.0)
+    p.add_argument("--warmup-s", type=float, default=5.0)
+    p.add_argument("--measure-s", type=float, default=10.0)
+    p.add_argument("--after-s", type=float, default=5.0)
+    args = p.parse_args()
+    result = asyncio.run(driver(args))
+    print(json.dumps(result))
+    return 0 if result["false_dead"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The master as a real process: ready file, SIGTERM, kill -9 and restart, oobleckctl."""
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from master_fakes import FakeAgent, MasterProcess, admin_stub, job_spec_yaml, wait_until
+
+from oobleck.protos.v1 import admin_pb2
+
+pytestmark = pytest.mark.slow
+CTL = [str(Path(sys.executable).parent / "oobleckctl")]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+@pytest.fixture
+def master(tmp_path):
+    proc = MasterProcess(tmp_path)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def http_status(master) -> dict:
+    url = f"http://127.0.0.1:{master.info['http_port']}/api/status"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def acked(db: Path) -> dict[int, bool]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return {cid: bool(a) for cid, a in conn.execute("SELECT command_id, acked FROM commands")}
+
+
+def test_sigterm_stops_cleanly_and_ends_sessions(master):
+    async def body():
+        await asyncio.to_thread(master.start)
+        agent = await FakeAgent(master.target, "n0").start()
+        await wait_until(lambda: http_status(master)["nodes"][0]["attached"], what="session attached")
+        master.signal(signal.SIGTERM)
+        await wait_until(lambda: agent.session_error is not None, timeout_s=20, what="session end")
+        assert agent.session_error == grpc.StatusCode.UNAVAILABLE, agent.session_details
+        rc = await asyncio.to_thread(master.wait, 20)
+        assert rc == 0
+        await agent.close()
+
+    run(body())
+    assert "master stopping" in master.log_file.read_text()
+
+
+def test_plaintext_on_a_public_address_is_refused(tmp_path):
+    proc = MasterProcess(tmp_path)
+    argv = [*proc.argv]
+    argv[argv.index("127.0.0.1:0")] = "0.0.0.0:0"
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "plaintext is allowed only on loopback" in res.stderr
+
+
+def test_kill9_and_restart_keeps_generation_plan_and_commands(master):
+    async def body():
+        await asyncio.to_thread(master.start)
+        a = await FakeAgent(master.target, "a").start()
+        b = await FakeAgent(master.target, "b").start()
+        c = await FakeAgent(master.target, "c", auto_ack=False).start()
+        channel, stub = admin_stub(master.target)
+        spec = job_spec_yaml(master.paths["profile"])
+        await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=10)
+        await wait_until(lambda: a.last_command_id and b.last_command_id and c.commands)
+        ids = {x.name: x.commands[0].command_id for x in (a, b, c)}
+        await wait_until(lambda: acked(master.state_file) == {ids["a"]: True, ids["b"]: True, ids["c"]: False})
+        before = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+        assert before.generation == 1 and before.state == admin_pb2.JOB_STATE_STARTING
+        await channel.close()
+
+        master.signal(signal.SIGKILL)
+        await asyncio.to_thread(master.wait, 20)
+        for x in (a, b, c):
+            await x.close()
+        await asyncio.to_thread(master.start)
+
+        # Agents re-attach to the new port with their node ids, nonces and last acked commands.
+        again = []
+        for x in (a, b, c):
+            y = FakeAgent(master.target, x.name, nonce=x.nonce, node_id=x.node_id, auto_ack=True)
+            y.last_command_id = x.last_command_id
+            await y.register()
+            assert y.node_id == x.node_id
+            await y.attach()
+            again.append(y)
+        a2, b2, c2 = again
+        channel, stub = admin_stub(master.target)
+        await wait_until(lambda: c2.commands, what="unacked Start re-sent to c")
+        assert c2.commands[0].command_id == ids["c"] and c2.kinds() == ["start"]
+        # Waiting for c's ack resumed after the restart: the job runs, still generation 1.
+        for _ in range(200):
+            after = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            if after.state == admin_pb2.JOB_STATE_RUNNING:
+                break
+            await asyncio.sleep(0.02)
+        assert after.state == admin_pb2.JOB_STATE_RUNNING
+        assert after.generation == 1 and after.plan == before.plan and after.job_id == before.job_id
+        assert a2.commands == [] and b2.commands == []  # nothing applied twice
+        assert all(acked(master.state_file).values())
+
+        # The restarted master still detects failures and reconfigures once.
+        await b2.drop_session()
+        await wait_until(lambda: [k for k in a2.kinds() if k == "reconfigure"], timeout_s=15)
+        assert a2.commands[0].generation == 2 and c2.kinds() == ["start", "reconfigure"]
+        events = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0), timeout=5)]
+        kinds = [e.kind for e in events]
+        assert kinds.count("job_submitted") == 1 and "node_dead" in kinds
+        assert [e.id for e in events] == sorted({e.id for e in events})
+        await channel.close()
+        for y in again:
+            await y.close()
+
+    run(body())
+
+
+def ctl(master, *args, token=None):
+    token = token or master.paths["admin_token_file"]
+    return subprocess.run(
+        [*CTL, *args, "--master", master.target, "--token-file", token],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_oobleckctl_admin_commands(master, tmp_path):
+    async def body():
+        await asyncio.to_thread(master.start)
+        agents = [await FakeAgent(master.target, f"n{i}").start() for i in range(2)]
+        job = tmp_path / "job.yaml"
+        job.write_text(job_spec_yaml(master.paths["profile"]))
+        res = await asyncio.to_thread(ctl, master, "submit", str(job), "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["generation"] == "1"  # int64 is a JSON string
+        res = await asyncio.to_thread(ctl, master, "nodes", "--json")
+        nodes = json.loads(res.stdout)
+        assert [n["name"] for n in nodes] == ["n0", "n1"] and nodes[0]["state"] == "NODE_STATE_ALIVE"
+        res = await asyncio.to_thread(ctl, master, "status")
+        assert res.returncode == 0 and "generation:  1" in res.stdout
+        res = await asyncio.to_thread(ctl, master, "events")
+        assert "job_submitted" in res.stdout
+        res = await asyncio.to_thread(ctl, master, "drain-node", "77")
+        assert res.returncode == 2
+        assert res.stderr.strip() == "oobleckctl: NOT_FOUND: node_id: no node 77 (see `oobleckctl nodes`)"
+        bad = tmp_path / "bad.token"
+        bad.write_text("nope")
+        res = await asyncio.to_thread(ctl, master, "status", token=str(bad))
+        assert res.returncode == 2 and res.stderr.startswith("oobleckctl: UNAUTHENTICATED")
+        assert len(res.stderr.strip().splitlines()) == 1
+        res = await asyncio.to_thread(ctl, master, "cancel", "--reason", "test")
+        assert res.returncode == 0 and "cancelled" in res.stdout
+        for a in agents:
+            await a.close()
+
+    run(body())
+
+
+def test_kill9_during_a_reconfiguration_resumes_it_after_restart(master):
+    async def body():
+        await asyncio.to_thread(master.start)
+        a, b, c = [await FakeAgent(master.target, n).start() for n in "abc"]
+        channel, stub = admin_stub(master.target)
+        spec = job_spec_yaml(master.paths["profile"])
+        await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=10)
+        await wait_until(lambda: all(x.last_command_id for x in (a, b, c)))
+        b.auto_ack = False
+        await c.drop_session()
+        await wait_until(lambda: "reconfigure" in b.kinds() and a.last_generation == 2, timeout_s=15)
+        recon_id = b.commands[-1].command_id
+        await wait_until(lambda: acked(master.state_file).get(a.commands[-1].command_id) is True)
+        await channel.close()
+        master.signal(signal.SIGKILL)
+        await asyncio.to_thread(master.wait, 20)
+        for x in (a, b, c):
+            await x.close()
+        await asyncio.to_thread(master.start)
+        again = []
+        for x in (a, b):
+            y = FakeAgent(master.target, x.name, nonce=x.nonce, node_id=x.node_id)
+            y.last_command_id = x.last_command_id
+            await y.register()
+            await y.attach()
+            again.append(y)
+        a2, b2 = again
+        await wait_until(lambda: b2.commands, what="the unacked Reconfigure re-sent")
+        assert b2.kinds() == ["reconfigure"] and b2.commands[0].command_id == recon_id
+        assert b2.commands[0].generation == 2
+        channel, stub = admin_stub(master.target)
+        for _ in range(500):
+            status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            if status.state == admin_pb2.JOB_STATE_RUNNING:
+                break
+            await asyncio.sleep(0.02)
+        assert status.state == admin_pb2.JOB_STATE_RUNNING and status.generation == 2
+        assert a2.commands == []
+        assert sorted(n for p in status.plan.pipelines for n in p.node_ids) == sorted([a.node_id, b.node_id])
+        await channel.close()
+        for y in again:
+            await y.close()
+
+    run(body())

@@ -1,0 +1,439 @@
+"""The master served in-process over real gRPC, driven by scripted agents (master_fakes.FakeAgent)."""
+
+import asyncio
+import json
+import urllib.request
+
+import grpc
+import pytest
+from master_fakes import (
+    ADMIN_TOKEN,
+    AGENT_TOKEN,
+    FakeAgent,
+    admin_stub,
+    job_spec_yaml,
+    make_fake_planner,
+    running_master,
+    wait_until,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from oobleck.common.auth import bearer_metadata
+from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def start_agents(srv, count, **kw):
+    return [await FakeAgent(srv.target, f"node{i}", **kw).start() for i in range(count)]
+
+
+async def close_all(agents, channel=None):
+    for a in agents:
+        await a.close()
+    if channel is not None:
+        await channel.close()
+
+
+async def submit(stub, srv, **kw):
+    return await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(srv.profile, **kw)), timeout=10)
+
+
+def state_of(srv):
+    return srv.master.job.state if srv.master.job else "NONE"
+
+
+def test_tokens_are_required_per_service(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            for token in (None, "wrong", AGENT_TOKEN):  # the agent token is not an admin token
+                channel, stub = admin_stub(srv.target, token=token)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "bearer token" in err.value.details()
+                await channel.close()
+            agent = FakeAgent(srv.target, "n", token=ADMIN_TOKEN)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await agent.register()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await agent.close()
+            assert srv.master.metrics.auth_failures._value.get() == 4
+            channel, stub = admin_stub(srv.target)
+            status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            assert status.state == admin_pb2.JOB_STATE_NONE
+            await channel.close()
+
+    run(body())
+
+
+def test_health_needs_no_token(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def body():
+        async with running_master(tmp_path) as srv, grpc.aio.insecure_channel(srv.target) as ch:
+            res = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert res.status == health_pb2.HealthCheckResponse.SERVING
+
+    run(body())
+
+
+def test_submit_starts_plan_nodes_and_later_nodes_are_spares(tmp_path):
+    async def body():
+        async with running_master(tmp_path, planner=make_fake_planner(nodes_per_pipeline=2)) as srv:
+            agents = await start_agents(srv, 5)
+            channel, stub = admin_stub(srv.target)
+            res = await submit(stub, srv)
+            assert res.generation == 1 and res.job_id
+            await wait_until(lambda: state_of(srv) == "RUNNING", what="RUNNING")
+            assert [a.kinds() for a in agents[:4]] == [["start"]] * 4
+            assert agents[4].kinds() == []  # odd one out is a spare
+            start = agents[0].commands[0]
+            assert start.generation == 1 and start.start.plan.world_size == 4
+            assert [list(p.node_ids) for p in start.start.plan.pipelines] == [[1, 2], [3, 4]]
+            assert start.start.job_spec_yaml.startswith("name: t")
+            late = await FakeAgent(srv.target, "late").start()
+            nodes = await stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)
+            states = {n.name: admin_pb2.NodeState.Name(n.state) for n in nodes.nodes}
+            assert states["late"] == "NODE_STATE_SPARE" and states["node4"] == "NODE_STATE_SPARE"
+            assert states["node0"] == "NODE_STATE_ALIVE"
+            status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            assert status.state == admin_pb2.JOB_STATE_RUNNING and status.spares == 2 and status.plan.generation == 1
+            # A second job while one runs is refused.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await submit(stub, srv)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await close_all([*agents, late], channel)
+
+    run(body())
+
+
+def test_bad_job_specs_name_the_field_and_the_master_keeps_serving(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 1)
+            channel, stub = admin_stub(srv.target)
+            cases = {
+                "model: [unclosed": "malformed YAML",
+                job_spec_yaml(srv.profile).replace("steps: 100", "steps: -3"): "steps: must be >= 1",
+                job_spec_yaml(None): "profile:",
+                job_spec_yaml(str(tmp_path / "missing.json")): "profile: cannot load",
+                "": "job_spec_yaml: must not be empty",
+            }
+            for spec, fragment in cases.items():
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=5)
+                assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+                assert fragment in err.value.details(), err.value.details()
+            for rpc, req, code in [
+                (stub.DrainNode, admin_pb2.DrainNodeRequest(node_id=99), grpc.StatusCode.NOT_FOUND),
+                (stub.KillNode, admin_pb2.KillNodeRequest(node_id=-1), grpc.StatusCode.INVALID_ARGUMENT),
+                (stub.CancelJob, admin_pb2.CancelJobRequest(), grpc.StatusCode.FAILED_PRECONDITION),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await rpc(req, timeout=5)
+                assert err.value.code() == code
+                assert "node_id" in err.value.details() or "no job" in err.value.details()
+            # Oversize message (a client without a send limit): refused by the server's limit.
+            big = grpc.aio.insecure_channel(srv.target, options=[("grpc.max_send_message_length", -1)])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin_pb2_grpc.AdminServiceStub(big).SubmitJob(
+                    admin_pb2.SubmitJobRequest(job_spec_yaml="x" * (17 << 20)),
+                    metadata=bearer_metadata(ADMIN_TOKEN),
+                    timeout=20,
+                )
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than max" in err.value.details() or "exceeds" in err.value.details(), err.value.details()
+            await big.close()
+            bad = FakeAgent(srv.target, "bad", slots=0)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await bad.register()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "slots" in err.value.details()
+            await bad.close()
+            status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            assert status.state == admin_pb2.JOB_STATE_NONE and status.nodes_alive == 1
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_session_requires_a_valid_hello(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agent = FakeAgent(srv.target, "n")
+            await agent.register()
+            call = agent.stub.Session()
+            await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=1)))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hello" in err.value.details()
+            call = agent.stub.Session()
+            hello = agent_pb2.SessionHello(node_id=agent.node_id, nonce="other")
+            await call.write(agent_pb2.AgentMessage(hello=hello))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "nonce" in err.value.details()
+            await agent.close()
+
+    run(body())
+
+
+def test_one_death_gives_one_reconfiguration_acked_by_survivors(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 3)
+            channel, stub = admin_stub(srv.target)
+            watch = stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=True))
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            for a in agents:
+                await a.send(step=agent_pb2.StepReport(generation=1, step=5, loss=2.5, samples_per_s=100.0))
+            await wait_until(lambda: srv.master.job.step == 5)
+            await agents[1].drop_session()  # crash
+            await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 2, what="generation 2")
+            survivors = [agents[0], agents[2]]
+            for a in survivors:
+                recon = [c for c in a.commands if c.WhichOneof("body") == "reconfigure"]
+                assert len(recon) == 1 and recon[0].generation == 2
+                plan = recon[0].reconfigure.plan
+                assert [list(p.node_ids) for p in plan.pipelines] == [[1], [3]]
+                assert plan.resume_step == 5 and plan.generation == 2
+            await agents[0].send(step=agent_pb2.StepReport(generation=2, step=6, loss=2.4, samples_per_s=90.0))
+            kinds, durations = [], {}
+            async for ev in watch:
+                kinds.append(ev.kind)
+                durations.update(ev.durations_s)
+                if ev.kind == "resumed":
+                    break
+            assert kinds.count("node_dead") == 1 and kinds.count("reconfigured") == 1
+            assert set(durations) >= {"detect", "plan", "notify", "regroup", "copy", "resume"}
+            assert durations["copy"] == pytest.approx(0.02)
+            assert srv.master.metrics.reconfigurations._value.get() == 1
+            watch.cancel()
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_two_simultaneous_deaths_give_one_reconfiguration(tmp_path):
+    async def body():
+        planner = make_fake_planner()
+        async with running_master(tmp_path, planner=planner, coalesce_window_s=0.2) as srv:
+            agents = await start_agents(srv, 4)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            await asyncio.gather(agents[1].drop_session(), agents[2].drop_session())
+            await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation > 1)
+            assert srv.master.generation == 2
+            recon = [c for c in planner.calls if c[0] == "reconfigure"]
+            assert len(recon) == 1 and sorted(recon[0][2]) == [2, 3]
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_reattach_within_grace_causes_no_reconfiguration(tmp_path):
+    async def body():
+        async with running_master(tmp_path, session_grace_s=1.0, heartbeat_timeout_s=3.0) as srv:
+            agents = await start_agents(srv, 2)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            a = agents[0]
+            await a.drop_session()
+            await wait_until(lambda: srv.master.nodes[a.node_id].detached_since_s is not None)
+            old_id = a.node_id
+            await a.register()
+            await a.attach()
+            assert a.node_id == old_id
+            await wait_until(lambda: srv.master.nodes[a.node_id].session is not None)
+            # Wait past the grace period on the master's own clock, then check nothing happened.
+            t0 = srv.master.clock()
+            await wait_until(lambda: srv.master.clock() - t0 > 1.5, what="past the grace period")
+            assert srv.master.generation == 1 and srv.master.nodes[old_id].row.state == "alive"
+            assert a.kinds() == ["start"]  # the acked Start is not re-sent
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_unacked_commands_are_resent_on_reattach_and_missing_acks_fail_the_node(tmp_path):
+    async def body():
+        async with running_master(tmp_path, start_ack_timeout_s=1.5, heartbeat_timeout_s=5.0) as srv:
+            good = await start_agents(srv, 2)
+            slow = await FakeAgent(srv.target, "slow", auto_ack=False).start()
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: slow.kinds() == ["start"])
+            # Re-attach without acking: the Start comes again (same command id), then no ack at all.
+            await slow.drop_session()
+            await slow.register()
+            await slow.attach()
+            await wait_until(lambda: len(slow.commands) == 2)
+            assert slow.commands[0].command_id == slow.commands[1].command_id
+            await wait_until(lambda: srv.master.nodes[slow.node_id].row.state == "dead", what="slow node dead")
+            assert "no ack" in srv.master.nodes[slow.node_id].row.reason
+            await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 2)
+            await close_all([*good, slow], channel)
+
+    run(body())
+
+
+def test_too_few_nodes_pauses_and_a_new_node_resumes_from_checkpoint(tmp_path):
+    async def body():
+        async with running_master(tmp_path, planner=make_fake_planner(nodes_per_pipeline=2)) as srv:
+            agents = await start_agents(srv, 2)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            await agents[1].drop_session()
+            await wait_until(lambda: state_of(srv) == "PAUSED")
+            status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            assert "need at least 2 nodes" in status.reason
+            assert agents[0].kinds() == ["start", "stop"]
+            new = await FakeAgent(srv.target, "new").start()
+            await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 2)
+            start = next(c for c in new.commands if c.WhichOneof("body") == "start")
+            assert start.start.plan.restore_from_checkpoint
+            await close_all([*agents, new], channel)
+
+    run(body())
+
+
+def test_drain_kill_cancel(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 3)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            await stub.DrainNode(admin_pb2.DrainNodeRequest(node_id=agents[2].node_id), timeout=5)
+            await wait_until(lambda: srv.master.nodes[agents[2].node_id].row.state == "spare", what="drained")
+            assert agents[2].kinds() == ["start", "drain"]
+            assert srv.master.generation == 2 and srv.master.pipelines == ((1,), (2,))
+            await stub.KillNode(admin_pb2.KillNodeRequest(node_id=agents[1].node_id), timeout=5)
+            await wait_until(lambda: "kill" in agents[1].kinds())
+            await agents[1].drop_session()  # the agent exits on Kill
+            await wait_until(lambda: srv.master.generation == 3 and state_of(srv) == "RUNNING")
+            await stub.CancelJob(admin_pb2.CancelJobRequest(reason="done testing"), timeout=5)
+            assert state_of(srv) == "CANCELLED"
+            await wait_until(lambda: agents[0].kinds()[-1] == "stop")
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_job_succeeds_at_the_last_step(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 1)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv, steps=3)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            await agents[0].send(step=agent_pb2.StepReport(generation=1, step=3, loss=1.0, samples_per_s=1.0))
+            await wait_until(lambda: state_of(srv) == "SUCCEEDED")
+            await wait_until(lambda: agents[0].kinds() == ["start", "stop"])
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_node_failure_report_is_a_death(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 2)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            await agents[1].send(failure=agent_pb2.NodeFailure(reason="worker 0 exited with 1"))
+            await wait_until(lambda: srv.master.generation == 2 and state_of(srv) == "RUNNING")
+            assert "worker 0 exited" in srv.master.nodes[agents[1].node_id].row.reason
+            await wait_until(lambda: agents[1].session_error == grpc.StatusCode.FAILED_PRECONDITION)
+            # It re-registers with the same id and nonce: declared dead, so it gets a new id as a spare.
+            old = agents[1].node_id
+            await agents[1].register()
+            assert agents[1].node_id != old
+            assert srv.master.nodes[agents[1].node_id].row.state == "spare"
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_http_metrics_status_and_healthz(tmp_path):
+    async def body():
+        async with running_master(tmp_path, http_listen="127.0.0.1:0") as srv:
+            agents = await start_agents(srv, 2)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            base = f"http://127.0.0.1:{srv.http_port}"
+
+            def fetch(path):
+                with urllib.request.urlopen(base + path, timeout=5) as r:
+                    return r.status, r.read().decode()
+
+            code, text = await asyncio.to_thread(fetch, "/metrics")
+            assert code == 200
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text)
+                for s in fam.samples
+            }
+            assert samples[("oobleck_generation", ())] == 1
+            assert samples[("oobleck_nodes_alive", ())] == 2
+            assert ("oobleck_reconfigurations_total", ()) in samples
+            assert any(k[0] == "oobleck_reconfiguration_phase_seconds_count" for k in samples)
+            code, text = await asyncio.to_thread(fetch, "/api/status")
+            status = json.loads(text)
+            assert status["state"] == "RUNNING" and status["pipelines"] == [[1], [2]]
+            assert (await asyncio.to_thread(fetch, "/healthz"))[0] == 200
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_a_death_recorded_before_a_crash_is_replanned_after_restart(tmp_path):
+    import sqlite3
+
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 2)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            await channel.close()
+        # As if the master died right after persisting node 2's death, before replanning.
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            conn.execute("UPDATE nodes SET state = 'dead', reason = 'crashed' WHERE node_id = 2")
+        async with running_master(tmp_path) as srv:
+            a = agents[0]
+            again = FakeAgent(srv.target, "node0", nonce=a.nonce, node_id=a.node_id)
+            again.last_command_id = a.last_command_id
+            await again.register()
+            await again.attach()
+            await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 2, what="replanned")
+            assert srv.master.pipelines == ((1,),)
+            assert again.kinds() == ["reconfigure"]
+            await close_all([*agents, again])
+
+    run(body())
+
+
+def test_max_nodes_counts_live_nodes_only(tmp_path):
+    async def body():
+        async with running_master(tmp_path, max_nodes=2) as srv:
+            agents = await start_agents(srv, 2)
+            extra = FakeAgent(srv.target, "extra")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await extra.register()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_nodes" in err.value.details()
+            await agents[0].drop_session()
+            await wait_until(lambda: srv.master.nodes[agents[0].node_id].row.state == "dead")
+            await extra.register()  # a dead node's place is free again
+            assert srv.master.nodes[extra.node_id].row.state == "spare"
+            await close_all([*agents, extra])
+
+    run(body())
