@@ -92,6 +92,7 @@ class NodeRuntime:
     detached_since_s: float | None = None
     failed_reason: str | None = None
     session: SessionHandle | None = None
+    reattach_by_s: float | None = None  # set when state is loaded after a restart; cleared on attach
 
 
 @dataclass
@@ -141,7 +142,9 @@ class Master:
         self.clock = clock
         self.metrics = metrics or MasterMetrics()
         self.store = AsyncStore(config.state_file)
-        self.detect_config = DetectConfig(config.heartbeat_timeout_s, config.session_grace_s, config.coalesce_window_s)
+        self.detect_config = DetectConfig(
+            config.heartbeat_timeout_s, config.session_grace_s, config.coalesce_window_s, config.restart_grace_s
+        )
         self.nodes: dict[int, NodeRuntime] = {}
         self.job: JobRow | None = None
         self.pipelines: tuple[tuple[int, ...], ...] = ()
@@ -177,8 +180,10 @@ class Master:
         self.job = snap.job
         self._next_command_id = snap.next_command_id
         for row in snap.nodes:
-            # Everybody gets a fresh heartbeat timeout to re-attach after a restart.
-            self.nodes[row.node_id] = NodeRuntime(row=row, last_seen_s=now)
+            # Agents reconnect with backoff: everybody gets restart_grace_s to re-attach.
+            self.nodes[row.node_id] = NodeRuntime(
+                row=row, last_seen_s=now, reattach_by_s=now + self.config.restart_grace_s
+            )
         if self.job is not None:
             self.pipelines = tuple(tuple(p) for p in self.job.plan_json.get("pipelines", ()))
             self.metrics.generation.set(self.job.generation)
@@ -433,6 +438,7 @@ class Master:
             node.session.close("ABORTED", "replaced by a newer session of the same node")
         node.session = handle
         node.detached_since_s = None
+        node.reattach_by_s = None
         node.last_seen_s = self.clock()
         for cmd_id in sorted(p for p, pc in self.pending.items() if pc.row.node_id == node.row.node_id):
             pc = self.pending[cmd_id]
@@ -551,6 +557,7 @@ class Master:
                 n.detached_since_s,
                 n.failed_reason,
                 n.row.state in ("alive", "draining"),
+                n.reattach_by_s,
             )
             for n in self.nodes.values()
             if n.row.state != "dead"

@@ -15,6 +15,9 @@ class DetectConfig:
     heartbeat_timeout_s: float = 2.0
     session_grace_s: float = 1.0
     coalesce_window_s: float = 0.2
+    # After a master restart, agents reconnect with backoff: every node gets this long to
+    # re-attach before the heartbeat timeout applies to it again.
+    restart_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.heartbeat_timeout_s > 0:
@@ -23,6 +26,8 @@ class DetectConfig:
             raise ValueError(f"session_grace_s: must be >= 0, got {self.session_grace_s!r}")
         if not self.coalesce_window_s >= 0:
             raise ValueError(f"coalesce_window_s: must be >= 0, got {self.coalesce_window_s!r}")
+        if not self.restart_grace_s >= 0:
+            raise ValueError(f"restart_grace_s: must be >= 0, got {self.restart_grace_s!r}")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class NodeLiveness:
     detached_since_s: float | None = None  # session broke at this time and has not re-attached
     failed_reason: str | None = None  # NodeFailure reported / killed
     in_plan: bool = True  # a death of a node in the plan needs a reconfiguration
+    reattach_by_s: float | None = None  # master restarted at (this - restart_grace_s); not yet re-attached
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ def node_verdict(now: float, node: NodeLiveness, config: DetectConfig) -> str | 
     """Why ``node`` is dead at ``now``, or None while it is alive."""
     if node.failed_reason is not None:
         return f"node failure: {node.failed_reason}"
+    if node.reattach_by_s is not None:
+        if now < node.reattach_by_s:
+            return None
+        return f"did not re-attach within {config.restart_grace_s:g}s of the master restart"
     if node.detached_since_s is not None and now - node.detached_since_s >= config.session_grace_s:
         return f"session broken for {now - node.detached_since_s:.2f}s (grace {config.session_grace_s:g}s)"
     silent = now - node.last_heartbeat_s

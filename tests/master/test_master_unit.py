@@ -44,6 +44,18 @@ def test_reattached_session_is_alive():
     assert decide(102.5, state, CFG)[0].quiet
 
 
+def test_after_a_master_restart_nodes_get_the_restart_grace_not_the_heartbeat_timeout():
+    # State loaded at t=100 with restart_grace_s=10: silent far beyond the 2 s timeout, still alive.
+    cfg = DetectConfig(heartbeat_timeout_s=2.0, session_grace_s=1.0, coalesce_window_s=0.2, restart_grace_s=10.0)
+    waiting = NodeLiveness(1, 100.0, reattach_by_s=110.0)
+    assert decide(109.9, DetectState(nodes(waiting)), cfg)[0].quiet
+    decision, _ = decide(110.0, DetectState(nodes(waiting)), cfg)
+    assert decision.dead == ((1, "did not re-attach within 10s of the master restart"),)
+    # A reported failure still counts at once while waiting.
+    failed = NodeLiveness(2, 100.0, failed_reason="boom", reattach_by_s=110.0)
+    assert decide(100.5, DetectState(nodes(failed)), cfg)[0].dead == ((2, "node failure: boom"),)
+
+
 def test_reported_failure_is_dead_at_once():
     state = DetectState(nodes(NodeLiveness(3, 100.0, failed_reason="worker exited")))
     decision, _ = decide(100.0, state, CFG)
