@@ -650,6 +650,12 @@ class Master:
                 spec = await asyncio.to_thread(parse_job_spec, spec_yaml)
             except ConfigError as exc:
                 raise MasterError("INVALID_ARGUMENT", f"job_spec_yaml: {exc}") from None
+            from oobleck.worker.config import validate_model_config  # imports no torch
+
+            try:
+                model = validate_model_config(spec)
+            except ConfigError as exc:
+                raise MasterError("INVALID_ARGUMENT", f"job_spec_yaml: {exc}") from None
             if spec.profile is None:
                 raise MasterError(
                     "FAILED_PRECONDITION",
@@ -661,6 +667,12 @@ class Master:
                 profile = await asyncio.to_thread(planner.load_profile, spec.profile)
             except (OSError, ValueError) as exc:
                 raise MasterError("INVALID_ARGUMENT", f"profile: cannot load {spec.profile!r}: {exc}") from None
+            if profile.num_layers != model.num_layers:
+                raise MasterError(
+                    "INVALID_ARGUMENT",
+                    f"profile: {spec.profile!r} has {profile.num_layers} layers but the model "
+                    f"({spec.model.name}, {model.num_blocks} blocks) has {model.num_layers}; profile this model",
+                )
             candidates, odd = planning.plannable_nodes(self._planning_nodes())
             if not candidates:
                 raise MasterError("FAILED_PRECONDITION", "no live nodes are registered; start agents first")

@@ -101,7 +101,7 @@ def make_fake_planner(nodes_per_pipeline: int = 1, calls: list | None = None) ->
 def job_spec_yaml(profile_path: str | None, *, steps: int = 100, name: str = "t") -> str:
     lines = [
         f"name: {name}",
-        "model: {name: gpt, config: {num_layers: 8}}",
+        f"model: {{name: gpt, config: {{num_layers: {NUM_LAYERS - 2}}}}}",  # + embeddings and head
         "global_batch_size: 8",
         "microbatch_size: 1",
         f"steps: {steps}",

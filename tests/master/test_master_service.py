@@ -9,6 +9,7 @@ import pytest
 from master_fakes import (
     ADMIN_TOKEN,
     AGENT_TOKEN,
+    NUM_LAYERS,
     FakeAgent,
     admin_stub,
     job_spec_yaml,
@@ -121,6 +122,18 @@ def test_bad_job_specs_name_the_field_and_the_master_keeps_serving(tmp_path):
                 job_spec_yaml(None): "profile:",
                 job_spec_yaml(str(tmp_path / "missing.json")): "profile: cannot load",
                 "": "job_spec_yaml: must not be empty",
+                job_spec_yaml(srv.profile).replace("name: gpt", "name: gpt9"): "model.name: must be one of",
+                job_spec_yaml(srv.profile).replace("config: {", "config: {hidden_size: -4, "): (
+                    "model.config.hidden_size"
+                ),
+                job_spec_yaml(srv.profile)
+                .replace("global_batch_size: 8", "global_batch_size: 9")
+                .replace(
+                    "microbatch_size: 1", "microbatch_size: 2"
+                ): "global_batch_size: must be a multiple of microbatch_size",
+                job_spec_yaml(srv.profile).replace(f"num_layers: {NUM_LAYERS - 2}", "num_layers: 3"): (
+                    f"has {NUM_LAYERS} layers but the model (gpt, 3 blocks) has 5"
+                ),
             }
             for spec, fragment in cases.items():
                 with pytest.raises(grpc.aio.AioRpcError) as err:
