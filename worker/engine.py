@@ -13,7 +13,9 @@ A step: the global batch is cut into microbatches; this rank runs its stage's op
 for its pipeline's microbatches, gradients are all-reduced among each layer's holders, the
 global gradient norm is agreed on by every rank (one world all-reduce that also carries the
 loss and an error flag), then every rank applies the optimizer step, or none does: a failure on
-any rank is reported by all ranks as :class:`StepFailed` and the step is not committed.
+any rank is reported by all ranks as :class:`StepFailed` and the step is not committed. A failed
+gradient sync (a peer is gone) raises :class:`CommFailed` at once instead of voting; the caller
+then calls :meth:`TrainingEngine.abandon` so that peers blocked on this rank fail too.
 
 Generations: :meth:`TrainingEngine.reconfigure` exports this process's layer states to host
 memory, leaves the old process group, joins the new one and rebuilds layers, gradient groups
@@ -27,6 +29,7 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
+import gc
 import json
 import logging
 import math
@@ -56,6 +59,11 @@ log = logging.getLogger(__name__)
 
 class StepFailed(RuntimeError):
     """A step failed on some rank; no rank applied its update."""
+
+
+class CommFailed(RuntimeError):
+    """A collective of the step failed (a peer is gone or timed out); no update was applied here.
+    The process group is unusable: :meth:`TrainingEngine.abandon` it and reconfigure."""
 
 
 class LayersLost(RuntimeError):
@@ -158,7 +166,9 @@ class TrainingEngine:
         self._owns_group = False
         self._ckpt_thread: threading.Thread | None = None
         self._ckpt_error: BaseException | None = None
+        self._ckpt_orphans: set[threading.Thread] = set()  # background checkpoints reconfigure() left
         self.optimizer: torch.optim.Optimizer | None = None
+        self._carried: dict[int, dict[str, torch.Tensor]] | None = None  # see reconfigure()
         self._setup(plan, rank, init)
         self._exchange({})
 
@@ -263,19 +273,54 @@ class TrainingEngine:
         Raises :class:`LayersLost` if some layer has no surviving copy (restore from checkpoint).
         """
         t0 = time.perf_counter()
-        carried = self.export_layers()
+        # A reconfiguration that failed half-way (a peer died during the rendezvous or the copy)
+        # has already replaced the layers with fresh ones: the retry uses the state exported by
+        # the first attempt, kept until one completes.
+        if self._carried is None:
+            self._carried = self.export_layers()
+        carried = self._carried
+        if self._ckpt_thread is not None and self._ckpt_thread.is_alive():
+            # Rank 0's thread may be waiting for a writer that died: it ends at its own deadline.
+            log.warning("reconfigure: not waiting for the background checkpoint (it finishes or fails on its own)")
+            self._ckpt_orphans.add(self._ckpt_thread)
+            self._ckpt_thread = None
         t1 = time.perf_counter()
         self._teardown()
         self._setup(plan, rank, init)
         t2 = time.perf_counter()
-        phases = self._exchange(carried)
+        try:
+            phases = self._exchange(carried)
+        except LayersLost:
+            self._carried = None  # the caller restores every layer from a checkpoint
+            raise
+        self._carried = None
         return {"export_s": t1 - t0, "regroup_s": t2 - t1, **phases}
 
-    def _teardown(self) -> None:
-        if not self._owns_group:
-            raise RuntimeError("reconfigure: the process group was created outside the engine")
+    def abandon(self) -> None:
+        """Leave the process group after a step or reconfiguration failed on a communication
+        error (a peer died), so that peers blocked on this rank fail at once instead of at their
+        timeout. Layer state and position are kept; the next :meth:`reconfigure` joins the new
+        generation. Safe to call twice."""
+        if not self._owns_group or not dist.is_initialized():
+            return
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if self._init.backend == "nccl" and abort is not None:
+            abort()  # NCCL: destroying a communicator with a failed operation may hang
+        self._release_groups()
+
+    def _release_groups(self) -> None:
+        """Destroy the process groups and drop this engine's references to them: gloo closes a
+        group's connections (which is what makes blocked peers fail) only once no Python object
+        refers to it any more. The caller must not hold a traceback of a failed collective."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        self.sync = None
+        gc.collect()
+
+    def _teardown(self) -> None:
+        if not self._owns_group and dist.is_initialized():
+            raise RuntimeError("reconfigure: the process group was created outside the engine")
+        self._release_groups()
         self._owns_group = False
 
     def _comm_device(self) -> torch.device:
@@ -335,9 +380,14 @@ class TrainingEngine:
         try:
             self.sync.all_reduce(params)
             sq = self.sync.local_sq_norm(params)
-        except Exception:
-            log.exception("step %d failed on rank %d in gradient sync", self.position.step, self.rank)
-            error = 1.0
+        except Exception as exc:
+            # The gradient sync only communicates: its failure means a peer is gone (or timed
+            # out). Going on to the vote would leave the peers of the groups skipped here waiting
+            # on this rank until their timeout, while it waits on them; raise instead, so the
+            # caller can abandon() the group at once and the peers fail too.
+            log.warning("step %d failed on rank %d in gradient sync: %s", self.position.step, self.rank, exc)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise CommFailed(f"step {self.position.step}: gradient sync failed: {exc}") from exc
         counts_loss = self.me.is_last
         agreed = torch.stack([sq, loss_sum if counts_loss else torch.zeros((), dtype=torch.float64)])
         agreed = torch.cat([agreed, torch.tensor([error], dtype=torch.float64)]).to(self._comm_device())
@@ -442,7 +492,8 @@ class TrainingEngine:
             write()
         except BaseException as exc:
             log.exception("background checkpoint failed")
-            self._ckpt_error = exc
+            if threading.current_thread() not in self._ckpt_orphans:  # not one left behind by reconfigure()
+                self._ckpt_error = exc
 
     def wait_checkpoint(self) -> None:
         """Wait for a background checkpoint of this rank (rank 0: until its manifest is written);
@@ -478,5 +529,5 @@ class TrainingEngine:
 
     def _close_group(self) -> None:
         if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            self._release_groups()
         self._owns_group = False
