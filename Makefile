@@ -1,4 +1,4 @@
-# The two commands of the README: `make test` (and, once the launcher runs jobs, `make demo`).
+# The two commands of the README: `make test` and `make demo`.
 # Both create .venv on first use; nothing beyond Python (with headers) and a C compiler is needed.
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.oobleck-installed
 PYTEST_ARGS ?=
 NATIVE := $(wildcard native/src/*.c native/src/*.h native/include/*.h) native/build.py native/planner.cdef
 
-.PHONY: test lint install clean
+.PHONY: test lint install clean demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A local cluster (master + 4 agents of 1 CPU slot) trains examples/demo.yaml; one node is
+# killed with SIGKILL at step $(DEMO_KILL_AT_STEP) and the job goes on from the templates.
+DEMO_KILL_AT_STEP ?= 200
+demo: $(STAMP)
+	$(VENV)/bin/oobleck-launch --local 4 --config examples/demo.yaml \
+		--kill-node-at-step $(DEMO_KILL_AT_STEP) --timeout-s 900
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/planner/_native*.so native/planner/_native.c

@@ -1,0 +1,341 @@
+"""A whole Oobleck cluster on this machine: one master and N agents over loopback (``oobleck-launch --local``).
+
+Every daemon runs in its own session (``start_new_session=True``) with its log in the work dir;
+ports are all 0 and read back from the daemons' ready files. Tokens are random, written to 0600
+files. :meth:`LocalCluster.stop` stops agents first (SIGTERM to the process group: the agent stops
+its workers), then the master; one monotonic deadline each, then SIGKILL; finally any worker
+still carrying one of our work dirs in ``$OOBLECK_WORK_DIR`` is SIGKILLed. Safe to call twice.
+
+:meth:`LocalCluster.kill_node` is the demo's fault injection: SIGKILL of an agent's process group
+and of every worker it spawned (workers run in their own sessions, so they are found through
+``/proc``: children of the agent, and processes whose ``OOBLECK_WORK_DIR`` is the agent's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: How often ready files are looked for while a daemon starts (not a busy loop).
+READY_POLL_S = 0.05
+ENV_WORK_DIR = "OOBLECK_WORK_DIR"
+
+
+class ClusterError(RuntimeError):
+    """A daemon failed to start or died; the message names it and quotes its log's tail."""
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to a new file readable by its owner only (0600)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+
+
+def log_tail(path: Path, limit: int = 2000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return data[-limit:].decode("utf-8", "replace")
+
+
+def _wait_pid_gone(pid: int, timeout_s: float) -> bool:
+    """True once ``pid`` has exited (or is a zombie), False at the deadline."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout_s) * 1000))
+    finally:
+        os.close(fd)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces; fields after it are fixed.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def _environ_work_dir(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = (ENV_WORK_DIR + "=").encode()
+    for item in environ:
+        if item.startswith(prefix):
+            return item[len(prefix) :].decode("utf-8", "replace")
+    return None
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def worker_pids(agent_pid: int | None, work_dirs: set[str]) -> set[int]:
+    """Pids of workers that belong to an agent: its children, and processes whose
+    ``$OOBLECK_WORK_DIR`` is one of ``work_dirs`` (this also finds workers of a dead agent)."""
+    found: set[int] = set()
+    me = os.getpid()
+    for pid in _all_pids():
+        if pid in (me, agent_pid):
+            continue
+        child = agent_pid is not None and _ppid(pid) == agent_pid
+        if child or (work_dirs and _environ_work_dir(pid) in work_dirs):
+            found.add(pid)
+    return found
+
+
+def _kill_group_and_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+@dataclass
+class Daemon:
+    """One started daemon: its process (own session), ready file and log."""
+
+    name: str
+    proc: subprocess.Popen
+    ready_file: Path
+    log_path: Path
+    work_dir: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def read_ready(self) -> dict | None:
+        try:
+            return json.loads(self.ready_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def died_error(self) -> ClusterError:
+        return ClusterError(
+            f"{self.name} exited with status {self.proc.returncode}; last lines of {self.log_path}:\n"
+            f"{log_tail(self.log_path).rstrip()}"
+        )
+
+
+@dataclass(frozen=True)
+class LocalClusterConfig:
+    nodes: int
+    work_dir: Path
+    slots_per_node: int = 1
+    worker_command: str = ""  # "": the agent's default (python -m oobleck.worker)
+    python: str = sys.executable
+    log_level: str | None = None
+    ready_timeout_s: float = 60.0
+    stop_timeout_s: float = 15.0
+    agent_stop_timeout_s: float = 5.0  # the agent's own SIGTERM -> SIGKILL deadline for workers
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nodes, int) or not 1 <= self.nodes <= 64:
+            raise ValueError(f"--local: node count must be 1..64, got {self.nodes!r}")
+        if not isinstance(self.slots_per_node, int) or not 1 <= self.slots_per_node <= 64:
+            raise ValueError(f"--slots-per-node: must be 1..64, got {self.slots_per_node!r}")
+
+
+class LocalCluster:
+    """Start, inspect, fault-inject and stop a master and ``nodes`` agents on loopback."""
+
+    def __init__(self, config: LocalClusterConfig) -> None:
+        self.config = config
+        self.work_dir = Path(config.work_dir).resolve()
+        self.master: Daemon | None = None
+        self.agents: list[Daemon] = []
+        self.master_target = ""
+        self.http_port = 0
+        self.admin_token_file = self.work_dir / "admin.token"
+        self.agent_token_file = self.work_dir / "agent.token"
+        self._stopped = False
+
+    # -- start ---------------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], ready_file: Path, work_dir: Path | None = None) -> Daemon:
+        log_path = self.work_dir / f"{name}.log"
+        ready_file.unlink(missing_ok=True)
+        if self.config.log_level:
+            argv = [*argv, "--log-level", self.config.log_level]
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return Daemon(name, proc, ready_file, log_path, work_dir)
+
+    def start_master(self) -> None:
+        """Generate tokens and start the master (returns at once; see :meth:`wait_master`)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        write_secret(self.agent_token_file, secrets.token_urlsafe(32))
+        write_secret(self.admin_token_file, secrets.token_urlsafe(32))
+        state = self.work_dir / "master.db"
+        for suffix in ("", "-wal", "-shm"):  # a fresh job state for every run
+            Path(f"{state}{suffix}").unlink(missing_ok=True)
+        argv = [
+            self.config.python, "-m", "oobleck.master.main",
+            "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+            "--state-file", str(state),
+            "--token-file", str(self.agent_token_file),
+            "--admin-token-file", str(self.admin_token_file),
+            "--ready-file", str(self.work_dir / "master.ready.json"),
+        ]  # fmt: skip
+        self.master = self._spawn("master", argv, self.work_dir / "master.ready.json")
+
+    def _wait_ready(self, daemon: Daemon, deadline: float) -> dict:
+        while True:
+            info = daemon.read_ready()
+            if info is not None:
+                daemon.info = info
+                return info
+            if not daemon.alive():
+                raise daemon.died_error()
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"{daemon.name} not ready within {self.config.ready_timeout_s:g}s; last lines of "
+                    f"{daemon.log_path}:\n{log_tail(daemon.log_path).rstrip()}"
+                )
+            _wait_pid_gone(daemon.pid, READY_POLL_S)  # wakes early if it dies
+
+    def wait_master(self) -> str:
+        assert self.master is not None
+        info = self._wait_ready(self.master, time.monotonic() + self.config.ready_timeout_s)
+        self.master_target = f"127.0.0.1:{int(info['grpc_port'])}"
+        self.http_port = int(info.get("http_port") or 0)
+        return self.master_target
+
+    def start_agents(self) -> None:
+        """Start the agents against the (ready) master; returns at once, see :meth:`wait_agents`."""
+        assert self.master_target, "wait_master() first"
+        for i in range(self.config.nodes):
+            name = f"node{i}"
+            work = self.work_dir / name
+            ready = self.work_dir / f"{name}.ready.json"
+            argv = [
+                self.config.python, "-m", "oobleck.agent.main",
+                "--master", self.master_target,
+                "--token-file", str(self.agent_token_file),
+                "--node-name", name,
+                "--slots", str(self.config.slots_per_node),
+                "--work-dir", str(work),
+                "--stop-timeout-s", str(self.config.agent_stop_timeout_s),
+                "--ready-file", str(ready),
+            ]  # fmt: skip
+            if self.config.worker_command:
+                argv += ["--worker-command", self.config.worker_command]
+            self.agents.append(self._spawn(name, argv, ready, work))
+
+    def wait_agents(self) -> dict[int, Daemon]:
+        """Wait until every agent has registered (its ready file carries its node id)."""
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        for agent in self.agents:
+            self._wait_ready(agent, deadline)
+        return self.nodes()
+
+    # -- inspect --------------------------------------------------------------------------------
+    def nodes(self) -> dict[int, Daemon]:
+        """node id -> agent (node ids from the agents' ready files, re-read: they may re-register)."""
+        out = {}
+        for agent in self.agents:
+            info = agent.read_ready() or agent.info
+            if info.get("node_id"):
+                agent.info = info
+                out[int(info["node_id"])] = agent
+        return out
+
+    def check_alive(self) -> None:
+        """Raise :class:`ClusterError` if the master died (agents may die: that is a node failure)."""
+        if self.master is not None and not self.master.alive() and not self._stopped:
+            raise self.master.died_error()
+
+    def all_pids(self) -> set[int]:
+        """Every live process of the cluster: master, agents and their workers."""
+        pids = {d.pid for d in [self.master, *self.agents] if d is not None and d.alive()}
+        for agent in self.agents:
+            pids |= worker_pids(agent.pid if agent.alive() else None, {str(agent.work_dir)})
+        return pids
+
+    # -- fault injection ---------------------------------------------------------------------------
+    def kill_node(self, node_id: int) -> list[int]:
+        """SIGKILL node ``node_id``'s agent (its process group) and all its workers; returns the pids."""
+        agent = self.nodes().get(node_id)
+        if agent is None:
+            raise ClusterError(f"--kill-node: no local agent has node id {node_id} (known: {sorted(self.nodes())})")
+        # Stop the agent first so that it cannot spawn or restart anything while we look.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(agent.pid, signal.SIGSTOP)
+        workers = worker_pids(agent.pid, {str(agent.work_dir)})
+        _kill_group_and_pid(agent.pid, signal.SIGKILL)
+        for pid in workers:
+            _kill_group_and_pid(pid, signal.SIGKILL)
+        agent.proc.wait(timeout=10)
+        for pid in workers:
+            _wait_pid_gone(pid, 5.0)
+        log.info("killed node %d: agent pid %d, workers %s", node_id, agent.pid, sorted(workers))
+        return [agent.pid, *sorted(workers)]
+
+    # -- stop ------------------------------------------------------------------------------------
+    def _stop_daemons(self, daemons: list[Daemon]) -> None:
+        live = [d for d in daemons if d.alive()]
+        for d in live:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(d.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_timeout_s
+        for d in live:
+            try:
+                d.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM for %gs: SIGKILL", d.name, d.pid, self.config.stop_timeout_s)
+                _kill_group_and_pid(d.pid, signal.SIGKILL)
+                d.proc.wait(timeout=10)
+        for d in daemons:  # the group may outlive its leader
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(d.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Stop agents (and so their workers), then the master; SIGKILL whatever is left. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        work_dirs = {str(a.work_dir) for a in self.agents}
+        self._stop_daemons(self.agents)
+        leftovers = worker_pids(None, work_dirs)
+        for pid in leftovers:
+            log.warning("worker pid %d outlived its agent: SIGKILL", pid)
+            _kill_group_and_pid(pid, signal.SIGKILL)
+        for pid in leftovers:
+            _wait_pid_gone(pid, 5.0)
+        if self.master is not None:
+            self._stop_daemons([self.master])
