@@ -225,8 +225,13 @@ def reconfigure(
         spares = inst.spares
         reason = (
             f"pipeline {bad[0]} has {len(bad[0])} nodes and no template has that size "
-            f"(sizes {_sizes_text(sizes)}): re-instantiated on all {len(survivors)} surviving nodes"
+            f"(sizes {_sizes_text(sizes)}): re-instantiated on the {len(survivors)} surviving nodes"
         )
+        if spares:
+            reason += (
+                f" ({len(plans)} pipelines over {len(survivors) - len(spares)} nodes; no mix of template sizes "
+                f"uses all of them, so {list(spares)} wait as spares)"
+            )
     else:
         by_size = {t.num_nodes: t for t in templates.templates}
         tpls = [by_size[len(p)] for p in new]

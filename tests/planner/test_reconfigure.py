@@ -226,7 +226,8 @@ def test_size_without_template_reinstantiates_on_all_survivors():
     # [0] is short, no donor (every pipeline has exactly 2): merged into [0, 2, 3] of 3 nodes.
     got = reconfigure([[0, 1], [2, 3]], [1], templates=templates, profile=PROFILE, cluster=cluster(1), microbatches=4)
     assert "no template has that size" in got.reason
-    assert "re-instantiated on all 3 surviving nodes" in got.reason
+    assert "re-instantiated on the 3 surviving nodes (1 pipelines over 2 nodes" in got.reason
+    assert "[3] wait as spares" in got.reason
     assert [p.nodes for p in got.pipelines] == [(0, 2)]
     assert got.spares == (3,)
 
