@@ -322,9 +322,18 @@ class Agent:
     async def _on_registered(self, response: agent_pb2.RegisterResponse) -> None:
         if self.node_id and response.node_id != self.node_id:
             # The master declared this node dead or lost its state: a new node to it, whose
-            # command ids and generations start afresh.
+            # command ids and generations start afresh. Messages still queued belong to the old
+            # node (a NodeFailure would fail the new one): dropped. The old workers are stopped
+            # in the background: stopping may take up to stop_timeout_s (a node failure may be
+            # stopping them already, holding the workers lock), and the new node must open its
+            # session and heartbeat at once or the master declares it dead too.
             log.warning("master gave node id %d (was %d): joining as a spare", response.node_id, self.node_id)
-            await self._stop_workers(f"node id changed from {self.node_id} to {response.node_id}")
+            self._drop_queued_messages()
+            self._pending = None
+            old = list(self._workers.values())
+            self._run_in_background(
+                self._stop_workers(f"node id changed from {self.node_id} to {response.node_id}", only=old)
+            )
             self._last_command_id = 0
             self._last_generation = 0
             self._acks.clear()
@@ -574,13 +583,17 @@ class Agent:
 
     # -- workers ---------------------------------------------------------------------------
 
-    async def _stop_workers(self, reason: str, *, kill_now: bool = False) -> None:
+    async def _stop_workers(self, reason: str, *, kill_now: bool = False, only: list[Worker] | None = None) -> None:
         async with self._workers_lock:
-            await self._stop_workers_locked(reason, kill_now=kill_now)
+            await self._stop_workers_locked(reason, kill_now=kill_now, only=only)
 
-    async def _stop_workers_locked(self, reason: str, *, kill_now: bool) -> None:
+    async def _stop_workers_locked(self, reason: str, *, kill_now: bool, only: list[Worker] | None = None) -> None:
+        """Stop every worker, or those of ``only`` that are still this agent's workers."""
         workers = list(self._workers.values())
-        self._pending = None
+        if only is not None:
+            workers = [w for w in workers if w in only]
+        else:
+            self._pending = None
         if not workers:
             return
         log.info("node %d: stopping %d workers (%s)", self.node_id, len(workers), reason)
@@ -715,8 +728,15 @@ class Agent:
         if pending is not None and pending.generation == request.generation:
             self._pending = None
             self._ack(pending.command_id, pending.generation, error=f"slot {request.slot}: {request.message}")
-        task = asyncio.get_running_loop().create_task(
-            self._node_failure(worker, Verdict.EXITED, f"worker error: {request.message}")
-        )
+        self._run_in_background(self._node_failure(worker, Verdict.EXITED, f"worker error: {request.message}"))
+
+    def _run_in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)  # keep a reference until it is done
         task.add_done_callback(self._background.discard)
+
+    def _drop_queued_messages(self) -> None:
+        """Forget every message not yet sent to the master (they were the old node's)."""
+        self._unsent.clear()
+        while not self._outbox.empty():
+            self._outbox.get_nowait()

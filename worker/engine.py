@@ -361,7 +361,9 @@ class TrainingEngine:
         )
 
     def train_step(self) -> StepResult:
-        """Run one step on the global batch at :attr:`position`; raises StepFailed if any rank failed."""
+        """Run one step on the global batch at :attr:`position`; raises StepFailed if any rank failed.
+        Messages number steps from 1 (the step after ``position.step`` committed ones), as the
+        worker's logs and step reports do."""
         start = self.order.step_start(self.position)
         batch, after = self.order.batch(self.position)
         params = self._params()
@@ -373,7 +375,7 @@ class TrainingEngine:
             if self.fault_hook is not None:
                 self.fault_hook(self.position.step, "backward_done")
         except Exception:
-            log.exception("step %d failed on rank %d before gradient sync", self.position.step, self.rank)
+            log.exception("step %d failed on rank %d before gradient sync", self.position.step + 1, self.rank)
             error = 1.0
         # Collectives run on every rank even after a local failure, so no peer is left waiting
         # in a group; the vote below then cancels the update everywhere.
@@ -385,9 +387,9 @@ class TrainingEngine:
             # out). Going on to the vote would leave the peers of the groups skipped here waiting
             # on this rank until their timeout, while it waits on them; raise instead, so the
             # caller can abandon() the group at once and the peers fail too.
-            log.warning("step %d failed on rank %d in gradient sync: %s", self.position.step, self.rank, exc)
+            log.warning("step %d failed on rank %d in gradient sync: %s", self.position.step + 1, self.rank, exc)
             self.optimizer.zero_grad(set_to_none=True)
-            raise CommFailed(f"step {self.position.step}: gradient sync failed: {exc}") from exc
+            raise CommFailed(f"step {self.position.step + 1}: gradient sync failed: {exc}") from exc
         counts_loss = self.me.is_last
         agreed = torch.stack([sq, loss_sum if counts_loss else torch.zeros((), dtype=torch.float64)])
         agreed = torch.cat([agreed, torch.tensor([error], dtype=torch.float64)]).to(self._comm_device())
@@ -395,7 +397,7 @@ class TrainingEngine:
         sq_total, loss_total, errors = agreed.cpu().tolist()
         if errors > 0:
             self.optimizer.zero_grad(set_to_none=True)
-            raise StepFailed(f"step {self.position.step} failed on {int(errors)} rank(s); no update applied")
+            raise StepFailed(f"step {self.position.step + 1} failed on {int(errors)} rank(s); no update applied")
         norm = math.sqrt(sq_total)
         clip = self.spec.optimizer.grad_clip_norm
         if clip is not None:

@@ -11,11 +11,15 @@ Faults, each at step K of generation 1 on slot FAKE_WORKER_FAULT_SLOT (default 0
 - FAKE_WORKER_ERROR_AT_STEP=K: report a fatal error ("boom") and go on until stopped.
 - FAKE_WORKER_BLOCK_AT_STEP=K: block the main thread FAKE_WORKER_BLOCK_S seconds (heartbeat on),
   like a rank waiting in a collective, then go on.
+
+FAKE_WORKER_SLOW_STOP_S=S (every slot): ignore SIGTERM, and take S seconds to exit on Stop, like a
+worker closing its engine.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -41,6 +45,9 @@ def main() -> int:
     block_at = _int_env("FAKE_WORKER_BLOCK_AT_STEP") if mine else None
     error_at = _int_env("FAKE_WORKER_ERROR_AT_STEP") if mine else None
     block_s = float(os.environ.get("FAKE_WORKER_BLOCK_S", "0"))
+    slow_stop_s = float(os.environ.get("FAKE_WORKER_SLOW_STOP_S", "0"))
+    if slow_stop_s:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     generation = 0
     step = 0
@@ -51,6 +58,7 @@ def main() -> int:
             with log_path.open("a") as f:
                 f.write(f"{cmd.kind} {cmd.generation}\n")
             if cmd.kind == STOP:
+                time.sleep(slow_stop_s)
                 link.close()
                 return 0
             if cmd.kind in (START, RECONFIGURE):

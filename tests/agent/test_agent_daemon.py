@@ -266,6 +266,24 @@ def test_master_that_lost_its_state_gets_a_fresh_node(master, start_agent):
     assert set(fresh.values()).isdisjoint(pids.values())
 
 
+def test_new_node_id_attaches_while_the_old_workers_still_stop(master, start_agent):
+    """The master hands out a new node id (it declared the node dead, or lost its state) while
+    the old workers take their time to stop: the new node opens its session and heartbeats at
+    once (a node silent for heartbeat_timeout_s would be declared dead again), the old workers
+    are stopped in the background, and nothing queued for the old node reaches the new one."""
+    agent = start_agent(env={"FAKE_WORKER_SLOW_STOP_S": "2"})
+    info = registered(master, agent)
+    pids = start_workers(master, info)
+    mark = master.mark()
+    master.forget()
+    master.break_session()
+    master.wait_for("hello", lambda h: h.node_id == 2, after=mark)
+    assert all(not wait_pid_gone(pid, 0) for pid in pids.values()), "the session waited for the old workers"
+    master.wait_for("heartbeat", after=master.mark(), count=3)
+    assert_all_gone(pids.values())
+    assert not master.events("failure", after=mark) and not master.events("ack", after=mark)
+
+
 def test_kill_drill_exits_without_ack(master, start_agent):
     agent = start_agent()
     pids = start_workers(master, registered(master, agent))

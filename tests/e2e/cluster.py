@@ -1,0 +1,320 @@
+"""A real Oobleck cluster on this machine for end-to-end tests.
+
+The real ``oobleck-master`` (with the C planner), one real ``oobleck-agent`` per node (one slot
+each) and the real workers (``python -m oobleck.worker``, gloo on CPU) that the agents spawn. All
+ports are 0 and read back from ready files. Every daemon runs in its own session; workers run in
+sessions of their own too, so they are found through ``/proc`` (processes whose
+``$OOBLECK_WORK_DIR`` is one of this cluster's node directories: this also finds workers whose
+agent is gone). :meth:`Cluster.stop` stops everything (SIGTERM, one deadline, SIGKILL) and
+returns the processes that were still there at the end (orphans): tests assert it is empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from oobleck.common.tls import sync_channel
+from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc
+
+BIN = Path(sys.executable).parent
+MASTER = BIN / "oobleck-master"
+AGENT = BIN / "oobleck-agent"
+AGENT_TOKEN = "e2e-agent-token-" + "a" * 24
+ADMIN_TOKEN = "e2e-admin-token-" + "b" * 24
+POLL_S = 0.02  # how often status and ready files are polled (waits always have a deadline)
+
+#: Environment of the agents, inherited by their workers: short failure timeouts for tests.
+WORKER_ENV = {
+    "OOBLECK_COLLECTIVE_TIMEOUT_S": "60",
+    "OOBLECK_RECONFIGURE_WAIT_S": "90",
+    "OOBLECK_START_WAIT_S": "90",
+    "OOBLECK_TORCH_THREADS": "1",
+    "OOBLECK_WORKER_DEVICE": "cpu",
+}
+
+
+def wait_pid_gone(pid: int, timeout_s: float) -> bool:
+    """True once ``pid`` has exited (a zombie counts as exited), False at the deadline."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OSError):
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, timeout_s) * 1000))
+    finally:
+        os.close(fd)
+
+
+def proc_state(pid: int) -> str | None:
+    """One-letter state of ``pid`` (``R``, ``S``, ``T``, ``Z``, ...), None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    return fields[0] if fields else None
+
+
+def _environ_var(pid: int, name: str) -> str | None:
+    try:
+        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for item in items:
+        if item.startswith(prefix):
+            return item[len(prefix) :].decode("utf-8", "replace")
+    return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def processes_under(root: Path) -> dict[int, str]:
+    """Live (not zombie) processes that belong to a cluster rooted at ``root``: their command line
+    or their ``$OOBLECK_WORK_DIR`` names a path under it. ``pid -> command line``."""
+    prefix = str(root)
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        cmd = _cmdline(pid)
+        work = _environ_var(pid, "OOBLECK_WORK_DIR") or ""
+        if (prefix in cmd or work.startswith(prefix)) and proc_state(pid) not in (None, "Z", "X"):
+            found[pid] = cmd
+    return found
+
+
+@dataclass
+class Daemon:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    ready_file: Path
+    work_dir: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Cluster:
+    """A master and ``len(names)`` agents under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: Path, *, heartbeat_interval_s: float = 0.1, heartbeat_timeout_s: float = 1.0) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "agent.token").write_text(AGENT_TOKEN + "\n")
+        (root / "admin.token").write_text(ADMIN_TOKEN + "\n")
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.master: Daemon | None = None
+        self.agents: dict[str, Daemon] = {}
+        self._channel: grpc.Channel | None = None
+        self.admin: admin_pb2_grpc.AdminServiceStub | None = None
+
+    # -- start ------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Daemon:
+        log = self.root / f"{name}.log"
+        ready = self.root / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [*argv, "--ready-file", str(ready)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        return Daemon(name, proc, log, ready)
+
+    def _wait_ready(self, daemon: Daemon, deadline: float) -> dict:
+        while not daemon.ready_file.exists():
+            if daemon.proc.poll() is not None:
+                raise AssertionError(f"{daemon.name} exited with {daemon.proc.returncode}:\n{self.tail(daemon)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{daemon.name} not ready in time:\n{self.tail(daemon)}")
+            time.sleep(POLL_S)
+        daemon.info = json.loads(daemon.ready_file.read_text())
+        return daemon.info
+
+    def start(self, nodes: int, timeout_s: float = 60.0) -> None:
+        """Start the master, then ``nodes`` agents (node0, node1, ...); wait until all registered."""
+        deadline = time.monotonic() + timeout_s
+        self.master = self._spawn(
+            "master",
+            [
+                str(MASTER), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
+                "--state-file", str(self.root / "master.db"),
+                "--token-file", str(self.root / "agent.token"), "--admin-token-file", str(self.root / "admin.token"),
+                "--heartbeat-interval-s", str(self.heartbeat_interval_s),
+                "--heartbeat-timeout-s", str(self.heartbeat_timeout_s),
+                "--session-grace-s", "0.3", "--shutdown-grace-s", "2",
+            ],
+        )  # fmt: skip
+        info = self._wait_ready(self.master, deadline)
+        self.target = f"127.0.0.1:{info['grpc_port']}"
+        self._channel = sync_channel(self.target, token=ADMIN_TOKEN)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        for i in range(nodes):
+            name = f"node{i}"
+            work = self.root / name
+            work.mkdir(exist_ok=True)
+            daemon = self._spawn(
+                name,
+                [
+                    str(AGENT), "--master", self.target, "--token-file", str(self.root / "agent.token"),
+                    "--node-name", name, "--slots", "1", "--work-dir", str(work), "--stop-timeout-s", "5",
+                ],
+                env=WORKER_ENV,
+            )  # fmt: skip
+            daemon.work_dir = work.resolve()
+            self.agents[name] = daemon
+        for daemon in self.agents.values():
+            self._wait_ready(daemon, deadline)
+        self.wait_nodes(lambda ns: len(ns) == nodes, f"{nodes} registered nodes", deadline - time.monotonic())
+
+    # -- admin ------------------------------------------------------------------------------------
+
+    def status(self) -> admin_pb2.GetStatusResponse:
+        return self.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+
+    def nodes(self):
+        return self.admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=5).nodes
+
+    def events(self) -> list:
+        return list(self.admin.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0), timeout=5))
+
+    def submit(self, spec_yaml: str) -> str:
+        return self.admin.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec_yaml), timeout=30).job_id
+
+    def wait_status(self, predicate, what: str, timeout_s: float = 90.0) -> admin_pb2.GetStatusResponse:
+        """Poll GetStatus until ``predicate(status)``; fails early when the job ends otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if status.state in (admin_pb2.JOB_STATE_FAILED, admin_pb2.JOB_STATE_CANCELLED):
+                raise AssertionError(f"job ended while waiting for {what}: {status}\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; last status: {status}\n{self.logs()}")
+            time.sleep(POLL_S)
+
+    def wait_nodes(self, predicate, what: str, timeout_s: float = 60.0):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            nodes = self.nodes()
+            if predicate(nodes):
+                return nodes
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; nodes: {nodes}\n{self.logs()}")
+            time.sleep(POLL_S)
+
+    def node_ids(self) -> dict[str, int]:
+        return {n.name: n.node_id for n in self.nodes()}
+
+    # -- processes --------------------------------------------------------------------------------
+
+    def worker_pids(self, name: str) -> set[int]:
+        """Live workers of node ``name`` (found by their ``$OOBLECK_WORK_DIR``)."""
+        work = str(self.agents[name].work_dir)
+        pids = set()
+        for pid in processes_under(self.root):
+            if _environ_var(pid, "OOBLECK_WORK_DIR") == work:
+                pids.add(pid)
+        return pids
+
+    def wait_workers(self, names, timeout_s: float = 60.0) -> dict[str, int]:
+        """The one worker pid of every node in ``names`` once each has exactly one."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = {name: self.worker_pids(name) for name in names}
+            if all(len(p) == 1 for p in found.values()):
+                return {name: next(iter(p)) for name, p in found.items()}
+            if time.monotonic() > deadline:
+                raise AssertionError(f"workers not found in time: {found}\n{self.logs()}")
+            time.sleep(POLL_S)
+
+    def kill_nodes(self, names) -> None:
+        """``kill -9`` of each node: its agent's process group and its workers, back to back."""
+        victims = []
+        for name in names:
+            agent = self.agents[name]
+            victims.append((agent.pid, True))
+            victims += [(pid, False) for pid in self.worker_pids(name)]
+        for pid, group in victims:
+            with contextlib.suppress(ProcessLookupError):
+                if group:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        for name in names:
+            self.agents[name].proc.wait(timeout=10)
+        for pid, _group in victims:
+            assert wait_pid_gone(pid, 10), f"pid {pid} survived SIGKILL"
+
+    # -- logs and shutdown ------------------------------------------------------------------------
+
+    @staticmethod
+    def tail(daemon: Daemon, limit: int = 6000) -> str:
+        try:
+            return daemon.log.read_bytes()[-limit:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def logs(self, limit: int = 3000) -> str:
+        daemons = ([self.master] if self.master else []) + list(self.agents.values())
+        return "\n".join(f"----- {d.name} -----\n{self.tail(d, limit)}" for d in daemons)
+
+    def stop(self, timeout_s: float = 20.0) -> dict[int, str]:
+        """Stop agents (they stop their workers), then the master: SIGTERM to each process group,
+        one deadline, SIGKILL. Then SIGKILL whatever of this cluster is left, and return what was
+        left (``pid -> command line``): orphans. Safe to call twice."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        for group in (list(self.agents.values()), [self.master] if self.master else []):
+            live = [d for d in group if d.proc.poll() is None]
+            for d in live:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(d.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for d in live:
+                try:
+                    d.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(d.pid, signal.SIGKILL)
+                    d.proc.wait(timeout=10)
+        # Workers die with their agent (parent-death signal); give them a moment to go.
+        deadline = time.monotonic() + 10
+        left = processes_under(self.root)
+        while left and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+            left = processes_under(self.root)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return left
