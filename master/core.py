@@ -159,6 +159,8 @@ class Master:
         self._plan_lock = asyncio.Lock()
         self._reconfig_task: asyncio.Task | None = None
         self._resume_wait: tuple[int, float, dict[str, float]] | None = None
+        self._first_step_generation = 0  # newest generation whose first step report has arrived
+        self._first_step_s = 0.0  # ... and when it arrived
         self._events: deque[EventRow] = deque(maxlen=MAX_EVENTS_IN_MEMORY)
         self._watchers: set[asyncio.Queue] = set()
         self._death = asyncio.Event()
@@ -481,14 +483,10 @@ class Master:
         self.metrics.step.set(job.step)
         self.metrics.loss.set(loss)
         self.metrics.samples_per_s.set(samples_per_s)
-        if self._resume_wait is not None and self._resume_wait[0] == generation:
-            _, acked_at, _ = self._resume_wait
-            self._resume_wait = None
-            resume_s = max(0.0, self.clock() - acked_at)
-            self.metrics.observe_phases({"resume": resume_s})
-            self._spawn(
-                self._record("resumed", f"first step of generation {generation}", durations={"resume": resume_s})
-            )
+        if self._first_step_generation < generation:
+            self._first_step_generation, self._first_step_s = generation, self.clock()
+            if self._resume_wait is not None and self._resume_wait[0] == generation:
+                self._resumed(generation, self._first_step_s - self._resume_wait[1])
         if job.step >= job.total_steps > 0:
             self._spawn(self._finish("SUCCEEDED", f"reached step {job.step} of {job.total_steps}"))
 
@@ -866,11 +864,23 @@ class Master:
                 )
                 return  # the detector starts the next generation for the newly dead nodes
             job.state, job.reason = "RUNNING", ""
+            acked_at = self.clock()
             await self.store.call("save_job", job)
-            self._resume_wait = (generation, self.clock(), durations)
             await self._record(
                 "reconfigured", f"generation {generation} acked by {len(survivors)} nodes", durations=durations
             )
+            # "resumed" follows "reconfigured" in the event log, even when a step of the new
+            # generation was reported while the acks were processed or the above was written.
+            if self._first_step_generation >= generation:
+                self._resumed(generation, self._first_step_s - acked_at)
+            else:
+                self._resume_wait = (generation, acked_at, durations)
+
+    def _resumed(self, generation: int, resume_s: float) -> None:
+        self._resume_wait = None
+        resume_s = max(0.0, resume_s)
+        self.metrics.observe_phases({"resume": resume_s})
+        self._spawn(self._record("resumed", f"first step of generation {generation}", durations={"resume": resume_s}))
 
     async def _pause(self, reason: str) -> None:
         job = self.job
