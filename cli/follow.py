@@ -1,9 +1,9 @@
 """Following a submitted job: step lines, the reconfiguration timeline and the final summary.
 
-:class:`Follower` reads the master's event stream (``WatchEvents``, on a thread) and polls
-``GetStatus`` every ``poll_s`` (steps are not events). Everything is printed from the calling
-thread, in order. It returns when the job reaches a terminal state (SUCCEEDED, FAILED,
-CANCELLED), or raises :class:`FollowError` when the master stays unreachable.
+:class:`Follower` reads the master's event stream (``WatchEvents`` with one progress event per
+committed step, on a thread) and polls ``GetStatus`` every ``poll_s`` for the job's state.
+Everything is printed from the calling thread, in order. It returns when the job reaches a
+terminal state (SUCCEEDED, FAILED, CANCELLED), or raises :class:`FollowError` when the master stays unreachable.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Follower:
     def _watch(self) -> None:
         since = self.since_id
         while not self._done.is_set():
-            call = self.stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=since, follow=True))
+            call = self.stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=since, follow=True, include_steps=True))
             with self._lock:
                 self._call = call
             if self._done.is_set():
@@ -162,8 +162,28 @@ class Follower:
             self._thread.join(timeout=5)
 
     # -- handlers ---------------------------------------------------------------------------------
+    def _step_line(self, step: int, loss: float, samples_per_s: float, generation: int) -> None:
+        if step <= self._last_step or step <= 0:
+            return
+        self._last_step = step
+        total = self.status.total_steps if self.status is not None else 0
+        self.emit(
+            f"step {step}/{total} loss {loss:.4f} samples/s {samples_per_s:.1f} gen {generation}",
+            {
+                "type": "step",
+                "step": step,
+                "total_steps": total,
+                "loss": loss,
+                "samples_per_s": samples_per_s,
+                "generation": generation,
+            },
+        )
+
     def on_event(self, ev: admin_pb2.Event) -> None:
         kind, durations = ev.kind, dict(ev.durations_s)
+        if kind == "step":  # one per committed step (not stored by the master)
+            self._step_line(int(ev.step), ev.loss, ev.samples_per_s, int(ev.generation))
+            return
         rec_base = {"type": "event", "kind": kind, "id": ev.id, "generation": ev.generation, "step": ev.step}
         rec_base.update({"node_id": ev.node_id, "message": ev.message, "durations_s": durations})
         if kind == "node_dead":
@@ -203,19 +223,8 @@ class Follower:
         self.status = s
         if s.job_id and s.job_id != self.job_id:
             raise FollowError(f"the master now runs job {s.job_id}, not {self.job_id}")
-        if s.step > self._last_step and s.step > 0:
-            self._last_step = s.step
-            self.emit(
-                f"step {s.step}/{s.total_steps} loss {s.loss:.4f} samples/s {s.samples_per_s:.1f} gen {s.generation}",
-                {
-                    "type": "step",
-                    "step": s.step,
-                    "total_steps": s.total_steps,
-                    "loss": s.loss,
-                    "samples_per_s": s.samples_per_s,
-                    "generation": s.generation,
-                },
-            )
+        # Step events give a line per step; the polled status covers a stream that reconnects.
+        self._step_line(int(s.step), s.loss, s.samples_per_s, int(s.generation))
         fault = self.fault
         if (
             fault is not None

@@ -163,6 +163,7 @@ class Master:
         self._first_step_s = 0.0  # ... and when it arrived
         self._events: deque[EventRow] = deque(maxlen=MAX_EVENTS_IN_MEMORY)
         self._watchers: set[asyncio.Queue] = set()
+        self._step_watchers: set[asyncio.Queue] = set()  # the watchers that also want step events
         self._death = asyncio.Event()
         self._progress_dirty = False
         self._last_reason = ""
@@ -370,13 +371,24 @@ class Master:
             return [e for e in self._events if e.id > since_id]
         return await self.store.call("events_since", since_id)
 
-    def watch(self) -> asyncio.Queue:
+    def watch(self, *, include_steps: bool = False) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
         self._watchers.add(q)
+        if include_steps:
+            self._step_watchers.add(q)
         return q
 
     def unwatch(self, q: asyncio.Queue) -> None:
         self._watchers.discard(q)
+        self._step_watchers.discard(q)
+
+    def _publish_step(self, generation: int, step: int, loss: float, samples_per_s: float) -> None:
+        if not self._step_watchers:
+            return
+        ev = EventRow(0, time.time(), "step", 0, generation, step, "", {}, loss, samples_per_s)
+        for q in list(self._step_watchers):
+            if q in self._watchers and q.qsize() < WATCH_QUEUE_SIZE:
+                q.put_nowait(ev)
 
     # -- registration and sessions ----------------------------------------------------------------
     async def on_register(self, info: RegisterInfo) -> RegisterResult:
@@ -479,6 +491,7 @@ class Master:
         if step > job.step:
             job.step = step
             self._progress_dirty = True
+            self._publish_step(generation, step, loss, samples_per_s)
         self.loss, self.samples_per_s = loss, samples_per_s
         self.metrics.step.set(job.step)
         self.metrics.loss.set(loss)

@@ -212,6 +212,8 @@ def _event_proto(ev) -> admin_pb2.Event:
         step=ev.step,
         message=ev.message,
         durations_s=ev.durations_s,
+        loss=ev.loss,
+        samples_per_s=ev.samples_per_s,
     )
 
 
@@ -268,7 +270,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             since = _int(request.since_id, "since_id", 0, 1 << 62)
         except _Invalid as exc:
             await _abort(context, exc)
-        q = self.master.watch() if request.follow else None
+        q = self.master.watch(include_steps=request.include_steps) if request.follow else None
         try:
             last = since
             for ev in await self.master.events_since(since):
@@ -278,7 +280,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 ev = await q.get()
                 if ev is None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "watcher too slow; reconnect with since_id")
-                if ev.id > last:
+                if ev.id == 0:  # a progress event: never stored, so never replayed
+                    yield _event_proto(ev)
+                elif ev.id > last:
                     last = ev.id
                     yield _event_proto(ev)
         finally:

@@ -117,6 +117,8 @@ class EventRow:
     step: int
     message: str
     durations_s: dict[str, float] = field(default_factory=dict)
+    loss: float = 0.0  # progress ("step") events only; those are not stored
+    samples_per_s: float = 0.0
 
 
 @dataclass

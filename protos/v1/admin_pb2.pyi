@@ -117,15 +117,17 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
-    __slots__ = ("since_id", "follow")
+    __slots__ = ("since_id", "follow", "include_steps")
     SINCE_ID_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STEPS_FIELD_NUMBER: _ClassVar[int]
     since_id: int
     follow: bool
-    def __init__(self, since_id: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    include_steps: bool
+    def __init__(self, since_id: _Optional[int] = ..., follow: _Optional[bool] = ..., include_steps: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("id", "unix_time_s", "kind", "node_id", "generation", "step", "message", "durations_s")
+    __slots__ = ("id", "unix_time_s", "kind", "node_id", "generation", "step", "message", "durations_s", "loss", "samples_per_s")
     class DurationsSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,8 @@ class Event(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DURATIONS_S_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
     id: int
     unix_time_s: float
     kind: str
@@ -149,7 +153,9 @@ class Event(_message.Message):
     step: int
     message: str
     durations_s: _containers.ScalarMap[str, float]
-    def __init__(self, id: _Optional[int] = ..., unix_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., node_id: _Optional[int] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., message: _Optional[str] = ..., durations_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    loss: float
+    samples_per_s: float
+    def __init__(self, id: _Optional[int] = ..., unix_time_s: _Optional[float] = ..., kind: _Optional[str] = ..., node_id: _Optional[int] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., message: _Optional[str] = ..., durations_s: _Optional[_Mapping[str, float]] = ..., loss: _Optional[float] = ..., samples_per_s: _Optional[float] = ...) -> None: ...
 
 class DrainNodeRequest(_message.Message):
     __slots__ = ("node_id",)

@@ -354,6 +354,42 @@ def test_job_succeeds_at_the_last_step(tmp_path):
     run(body())
 
 
+def test_followers_that_ask_get_one_step_event_per_committed_step(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 1)
+            channel, stub = admin_stub(srv.target)
+            with_steps = stub.WatchEvents(admin_pb2.WatchEventsRequest(follow=True, include_steps=True))
+            without = stub.WatchEvents(admin_pb2.WatchEventsRequest(follow=True))
+            await submit(stub, srv, steps=3)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            for step, loss in ((1, 3.0), (1, 3.0), (2, 2.5), (3, 2.0)):  # a repeated report is not a new step
+                await agents[0].send(step=agent_pb2.StepReport(generation=1, step=step, loss=loss, samples_per_s=8.0))
+            steps, kinds_seen = [], []
+            async for ev in with_steps:
+                kinds_seen.append(ev.kind)
+                if ev.kind == "step":
+                    assert ev.id == 0 and ev.generation == 1 and ev.samples_per_s == 8.0
+                    steps.append((ev.step, ev.loss))
+                if ev.kind == "job_succeeded":
+                    break
+            assert steps == [(1, 3.0), (2, 2.5), (3, 2.0)]
+            plain = []
+            async for ev in without:
+                plain.append(ev.kind)
+                if ev.kind == "job_succeeded":
+                    break
+            assert "step" not in plain and plain == [k for k in kinds_seen if k != "step"]
+            # Progress events are not stored: a replay has none.
+            replay = [e.kind async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(include_steps=True))]
+            assert "step" not in replay and "job_succeeded" in replay
+            with_steps.cancel()
+            without.cancel()
+            await close_all(agents, channel)
+
+    run(body())
+
+
 def test_node_failure_report_is_a_death(tmp_path):
     async def body():
         async with running_master(tmp_path) as srv:
