@@ -14,9 +14,7 @@ import pytest
 from oobleck.cli import launch
 from oobleck.cli.local_cluster import LocalCluster, LocalClusterConfig
 
-from .conftest import FAKE_WORKER, FAKE_WORKER_COMMAND, PROFILE, pids_under, spec_text, wait_pid_gone
-
-pytestmark = pytest.mark.skipif(not FAKE_WORKER.exists(), reason="needs the agent tests' stand-in worker")
+from .conftest import FAKE_WORKER_COMMAND, PROFILE, pids_under, spec_text, wait_pid_gone
 
 
 def write_spec(tmp_path, name="job.yaml", **kw) -> str:

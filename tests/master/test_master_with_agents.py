@@ -50,7 +50,6 @@ class Agents:
                 p.wait(timeout=15)
 
 
-@pytest.mark.skipif(not FAKE_WORKER.exists() or not AGENT.exists(), reason="needs the agent and its test worker")
 def test_kill9_of_an_agent_gives_one_reconfiguration(tmp_path):
     master = MasterProcess(tmp_path)
     agents = Agents(tmp_path, master)
@@ -171,7 +170,6 @@ async def _start_job(stub, master, agents, count: int):
     return procs, {n.name: n.node_id for n in nodes}
 
 
-@pytest.mark.skipif(not FAKE_WORKER.exists() or not AGENT.exists(), reason="needs the agent and its test worker")
 def test_two_agents_killed_at_once_give_one_reconfiguration(tmp_path):
     master = MasterProcess(tmp_path)
     agents = Agents(tmp_path, master)
@@ -209,7 +207,6 @@ def test_two_agents_killed_at_once_give_one_reconfiguration(tmp_path):
         master.stop()
 
 
-@pytest.mark.skipif(not FAKE_WORKER.exists() or not AGENT.exists(), reason="needs the agent and its test worker")
 def test_master_kill9_and_restart_with_real_agents(tmp_path):
     master = MasterProcess(tmp_path)
     agents = Agents(tmp_path, master)

@@ -132,7 +132,8 @@ def test_more_template_sizes_against_brute_force(templates, num_nodes, microbatc
 
 def test_guarantee_with_planned_templates():
     """Every node count in the node specification's guaranteed range: >= ft+1 pipelines, all nodes used."""
-    plan_templates = pytest.importorskip("oobleck.planner.templates").plan_templates
+    from oobleck.planner import plan_templates
+
     layers = tuple(LayerProfile(f"l{i}", 1.0 + i % 3, 2.0, 10**8, 10**6, 10**5) for i in range(12))
     profile = Profile(model="m", microbatch_size=1, layers=layers)
     c = Cluster(
@@ -251,8 +252,9 @@ def test_same_input_same_output_on_eight_threads():
 
 
 def test_with_planned_templates(tmp_path):
-    """End to end with the template planner on a small profile (skipped until it exists)."""
-    plan_templates = pytest.importorskip("oobleck.planner.templates").plan_templates
+    """End to end with the template planner on a small profile."""
+    from oobleck.planner import plan_templates
+
     path = tmp_path / "p.json"
     layers = [
         {

@@ -4,14 +4,10 @@ import json
 
 import pytest
 
+import oobleck.planner as planner
 from oobleck.sim import load_trace, simulate
 from oobleck.sim.cli import main
-
-planner = pytest.importorskip("oobleck.planner")
-if not all(hasattr(planner, name) for name in ("plan_templates", "instantiate", "load_profile")):
-    pytest.skip("the planner API is not available yet", allow_module_level=True)
-
-from oobleck.sim.planner_table import planner_system_inputs, planner_table  # noqa: E402
+from oobleck.sim.planner_table import planner_system_inputs, planner_table
 
 LAYERS = 24
 # 1 GB of parameters per layer, 4x for weights + gradients + optimizer state: 96 GB in all, 40 GB per
