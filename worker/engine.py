@@ -14,8 +14,9 @@ for its pipeline's microbatches, gradients are all-reduced among each layer's ho
 global gradient norm is agreed on by every rank (one world all-reduce that also carries the
 loss and an error flag), then every rank applies the optimizer step, or none does: a failure on
 any rank is reported by all ranks as :class:`StepFailed` and the step is not committed. A failed
-gradient sync (a peer is gone) raises :class:`CommFailed` at once instead of voting; the caller
-then calls :meth:`TrainingEngine.abandon` so that peers blocked on this rank fail too.
+transfer between stages or a failed gradient sync (a peer is gone) raises :class:`CommFailed` at
+once instead of voting; the caller then calls :meth:`TrainingEngine.abandon` so that peers
+blocked on this rank fail too.
 
 Generations: :meth:`TrainingEngine.reconfigure` exports this process's layer states to host
 memory, leaves the old process group, joins the new one and rebuilds layers, gradient groups
@@ -48,7 +49,7 @@ from oobleck.worker import checkpoint as ckpt
 from oobleck.worker import optim
 from oobleck.worker.config import validate_model_config
 from oobleck.worker.data import DataPosition, GlobalOrder, make_dataset, make_example
-from oobleck.worker.executor import StageExecutor, StepIO
+from oobleck.worker.executor import StageExecutor, StepIO, TransferFailed
 from oobleck.worker.gradsync import GradSync, local_params, placement
 from oobleck.worker.layout import PlanSpec, RankAssignment, assign_ranks, lane_range, layer_holders
 from oobleck.worker.models import ModelDef
@@ -374,6 +375,14 @@ class TrainingEngine:
             loss_sum = self.executor.run(self.ops, self._step_io(batch, start.epoch))
             if self.fault_hook is not None:
                 self.fault_hook(self.position.step, "backward_done")
+        except TransferFailed as exc:
+            # A neighbouring stage is gone. The other neighbour may be blocked on this rank (in a
+            # pipeline of three or more stages): going on to the gradient sync with healthy peers
+            # would keep it blocked, and them with it, until their timeout. Raise instead, so the
+            # caller abandons the group at once and the failure spreads to every rank.
+            log.warning("step %d failed on rank %d in a transfer: %s", self.position.step + 1, self.rank, exc)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise CommFailed(f"step {self.position.step + 1}: {exc}") from exc
         except Exception:
             log.exception("step %d failed on rank %d before gradient sync", self.position.step + 1, self.rank)
             error = 1.0

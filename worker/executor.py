@@ -4,6 +4,11 @@ The executor knows nothing about schedules: it follows the list. Activations and
 with ``isend``/``irecv`` (gloo on CPU, NCCL on GPU); sends complete at the end of the step,
 receives before the next operation. With several lanes per stage each lane exchanges only the
 overlapping sample ranges with the neighbouring stage's lanes (:func:`layout.transfers`).
+
+A transfer that fails (a neighbouring stage's process is gone or has left the process group, or
+the timeout expired) raises :class:`TransferFailed`, so the engine can tell a communication
+failure, which it must not vote on (the neighbours in this pipeline are blocked on this rank),
+from a local error.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from torch import nn
 from oobleck.worker import schedule as S
 from oobleck.worker.layout import RankAssignment, lane_range, transfers
 from oobleck.worker.models import per_sample_loss
+
+
+class TransferFailed(RuntimeError):
+    """A point-to-point transfer with a neighbouring stage failed: the process group is unusable."""
 
 
 @dataclass
@@ -93,15 +102,16 @@ class StageExecutor:
         gradients back cannot block each other (the 1F1B steady state)."""
         recv_ops, bufs = recv if recv is not None else ([], [])
         both = send_ops + recv_ops
-        if not both:
-            works = []
-        elif self.use_tags:  # gloo: every transfer is asynchronous already, no batch needed
-            works = [op.op(op.tensor, op.peer, tag=op.tag) for op in both]
-        else:
-            works = dist.batch_isend_irecv(both)
-        pending.extend(zip(works[: len(send_ops)], send_ops, strict=True))
-        for w in works[len(send_ops) :]:
-            w.wait()
+        with _comm("transfer"):
+            if not both:
+                works = []
+            elif self.use_tags:  # gloo: every transfer is asynchronous already, no batch needed
+                works = [op.op(op.tensor, op.peer, tag=op.tag) for op in both]
+            else:
+                works = dist.batch_isend_irecv(both)
+            pending.extend(zip(works[: len(send_ops)], send_ops, strict=True))
+            for w in works[len(send_ops) :]:
+                w.wait()
         if not bufs:
             return None
         return bufs[0] if len(bufs) == 1 else torch.cat(bufs)
@@ -171,6 +181,16 @@ class StageExecutor:
             else:
                 raise ValueError(f"unknown operation {op.kind!r}")
             i += 1
-        for work, _buf in pending:
-            work.wait()
+        with _comm("send"):
+            for work, _buf in pending:
+                work.wait()
         return loss_sum
+
+
+@contextlib.contextmanager
+def _comm(what: str):
+    """Turn a torch.distributed error of a point-to-point ``what`` into :class:`TransferFailed`."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo/NCCL errors (DistError and its kinds are RuntimeErrors)
+        raise TransferFailed(f"{what} with a neighbouring stage failed: {exc}") from exc

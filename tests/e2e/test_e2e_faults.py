@@ -1,5 +1,5 @@
-"""End to end: the real master (C planner), six real agents (one CPU slot each) and their real
-workers (gloo) train a tiny GPT; nodes fail in the middle of training.
+"""End to end: the real master (C planner), six (or five) real agents (one CPU slot each) and
+their real workers (gloo) train a tiny GPT; nodes fail in the middle of training.
 
 Each test checks that the master moves to generation 2 (one reconfiguration) with a plan over
 exactly the surviving nodes and a non-empty layer-copy plan, that the surviving workers are the
@@ -41,11 +41,12 @@ def _trained_steps(log_text: str) -> list[tuple[int, int, float]]:
     return [(int(g), int(s), float(loss)) for g, s, loss in re.findall(pattern, log_text)]
 
 
-def run_with_fault(cluster, spec, choose_victims, inject) -> dict:
-    """Start the cluster and the job, inject a fault into the nodes ``choose_victims(pipelines)``
-    picks (node ids of the first generation's pipelines) with ``inject(cluster, victim_names,
-    worker_pids)``, then check everything the module docstring promises."""
-    cluster.start(NODES)
+def run_with_fault(cluster, spec, choose_victims, inject, nodes: int = NODES) -> dict:
+    """Start the cluster (``nodes`` agents) and the job, inject a fault into the nodes
+    ``choose_victims(pipelines)`` picks (node ids of the first generation's pipelines) with
+    ``inject(cluster, victim_names, worker_pids)``, then check everything the module docstring
+    promises."""
+    cluster.start(nodes)
     cluster.submit(spec.to_yaml())
     cluster.wait_status(lambda s: s.state == RUNNING and s.generation == 1 and s.step >= 1, "training")
     ids = cluster.node_ids()
@@ -67,6 +68,7 @@ def run_with_fault(cluster, spec, choose_victims, inject) -> dict:
     assert sorted(n for p in status.plan.pipelines for n in p.node_ids) == sorted(ids[n] for n in survivors)
     assert len(status.plan.copies) > 0, status.plan
     assert status.plan.resume_step < spec.steps
+    assert all(len(p.node_ids) >= 2 for p in status.plan.pipelines), status.plan
     # Training goes on under generation 2 with the same worker processes.
     cluster.wait_status(
         lambda s: s.state == SUCCEEDED or (s.generation == 2 and s.step > status.plan.resume_step),
@@ -150,3 +152,32 @@ def test_hung_worker_is_detected_and_replaced(cluster, profile_path, tmp_path) -
     registered = [e for e in result["events"] if e.kind == "node_registered" and e.message.startswith(f"{victim} ")]
     assert len(registered) == 2 and registered[1].node_id != result["ids"][victim], registered
     assert cluster.agents[victim].proc.returncode == 0  # it lived until the cluster's SIGTERM
+
+
+def _in_pipeline_of(size: int, stage: int):
+    """Victim chooser: the node at ``stage`` of the first pipeline of ``size`` nodes."""
+
+    def choose(pipelines: list[list[int]]) -> list[int]:
+        assert sorted(len(p) for p in pipelines) == [2, 3], pipelines  # 5 nodes, min_nodes 2
+        return [next(p for p in pipelines if len(p) == size)[stage]]
+
+    return choose
+
+
+def test_kill9_of_the_last_stage_of_a_three_node_pipeline(cluster, profile_path, tmp_path) -> None:
+    """Five nodes, ft=1: pipelines of 2 and 3 nodes. The last node of the 3-node pipeline dies;
+    its first stage is not its neighbour (it waits on the middle stage, which is alive), yet every
+    survivor must leave the step and reconfigure to 2 + 2 nodes (a regression: the middle stage
+    used to go on to the gradient sync after its transfer failed, the first stage stayed blocked
+    on it, and no survivor ever saw the reconfiguration)."""
+    spec = job_spec(tmp_path / "ckpt", profile_path, ft=1)
+    result = run_with_fault(cluster, spec, _in_pipeline_of(3, -1), kill9, nodes=5)
+    assert len(result["survivors"]) == 4
+
+
+def test_kill9_of_a_node_of_the_two_node_pipeline(cluster, profile_path, tmp_path) -> None:
+    """Five nodes, ft=1: the first node of the 2-node pipeline dies; its survivor and a node of the
+    3-node pipeline form a new pipeline (2 + 2 nodes)."""
+    spec = job_spec(tmp_path / "ckpt", profile_path, ft=1)
+    result = run_with_fault(cluster, spec, _in_pipeline_of(2, 0), kill9, nodes=5)
+    assert len(result["survivors"]) == 4
