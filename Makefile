@@ -28,11 +28,11 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# A local cluster (master + 4 agents of 1 CPU slot) trains examples/demo.yaml; one node is
+# A local cluster (master + 5 agents of 1 CPU slot) trains examples/demo.yaml; one node is
 # killed with SIGKILL at step $(DEMO_KILL_AT_STEP) and the job goes on from the templates.
 DEMO_KILL_AT_STEP ?= 200
 demo: $(STAMP)
-	$(VENV)/bin/oobleck-launch --local 4 --config examples/demo.yaml \
+	$(VENV)/bin/oobleck-launch --local 5 --config examples/demo.yaml \
 		--kill-node-at-step $(DEMO_KILL_AT_STEP) --timeout-s 900
 
 clean:
