@@ -934,13 +934,17 @@ class Master:
                     ctx,
                     candidates,
                     generation=generation,
-                    resume_step=job.step,
+                    # The workers resume from the newest checkpoint they all hold; the master
+                    # does not read checkpoints, so the step is unknown (0) until they report.
+                    resume_step=0,
                     restore_from_checkpoint=True,
                 )
             except planner.PlannerError as exc:
                 log.info("job still paused: %s", exc)
                 return
             job.generation, job.state, job.reason = generation, "STARTING", "restoring from checkpoint"
+            job.step = 0  # redone steps are reported (and published) again
+            self.metrics.step.set(0)
             job.plan = layout.plan.SerializeToString()
             job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
             self.pipelines = layout.pipelines

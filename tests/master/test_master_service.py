@@ -302,6 +302,8 @@ def test_too_few_nodes_pauses_and_a_new_node_resumes_from_checkpoint(tmp_path):
             channel, stub = admin_stub(srv.target)
             await submit(stub, srv)
             await wait_until(lambda: state_of(srv) == "RUNNING")
+            await agents[0].send(step=agent_pb2.StepReport(generation=1, step=7, loss=2.0, samples_per_s=1.0))
+            await wait_until(lambda: srv.master.job.step == 7)
             await agents[1].drop_session()
             await wait_until(lambda: state_of(srv) == "PAUSED")
             status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
@@ -311,6 +313,10 @@ def test_too_few_nodes_pauses_and_a_new_node_resumes_from_checkpoint(tmp_path):
             await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 2)
             start = next(c for c in new.commands if c.WhichOneof("body") == "start")
             assert start.start.plan.restore_from_checkpoint
+            # The master does not know the checkpoint's step: it starts from 0 and follows reports.
+            assert start.start.plan.resume_step == 0 and srv.master.job.step == 0
+            await new.send(step=agent_pb2.StepReport(generation=2, step=6, loss=2.1, samples_per_s=1.0))
+            await wait_until(lambda: srv.master.job.step == 6)
             await close_all([*agents, new], channel)
 
     run(body())
