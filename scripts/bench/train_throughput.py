@@ -69,7 +69,10 @@ def torch_pipelining_rank(rank: int, init, spec: JobSpec, stage_counts: list[int
             c0 = time.process_time()
             t0 = time.perf_counter()
             batch, pos = order.batch(pos)
-            inputs, labels = make_example(dataset.tokens(batch), batch, cfg.objective, cfg.vocab_size - 1, 0, 0)
+            # Only the first and last stage need data (inputs / labels), as in our engine; the
+            # middle ranks used to build the whole batch too, a cost counted against torch only.
+            if rank in (0, world - 1):
+                inputs, labels = make_example(dataset.tokens(batch), batch, cfg.objective, cfg.vocab_size - 1, 0, 0)
             if rank == 0:
                 schedule.step(inputs)
             elif rank == world - 1:
