@@ -12,10 +12,7 @@ import shlex
 import socket
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from oobleck.common import validate as v
 from oobleck.common.tls import is_loopback_host, split_host_port
@@ -158,20 +155,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_sources(config_file: str | None, overrides: dict[str, Any]) -> AgentConfig:
     """Merge the YAML file (if any) with flag values (``None`` = not given) and validate."""
-    data: dict[str, Any] = {}
-    if config_file:
-        try:
-            text = Path(config_file).read_text()
-        except OSError as exc:
-            raise ConfigError("config", f"cannot read {config_file!r}: {exc.strerror or exc}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError("config", f"{config_file!r} is not valid YAML: {exc}") from None
-        if loaded is not None:
-            mapping = v.mapping(loaded, "")
-            v.reject_unknown(mapping, set(CONFIG_FIELDS), "")
-            data.update(mapping)
+    data: dict[str, Any] = v.load_yaml_config(config_file, set(CONFIG_FIELDS)) if config_file else {}
     data.update({k: val for k, val in overrides.items() if k in CONFIG_FIELDS and val is not None})
     for required in ("master", "token_file"):
         if required not in data:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -103,3 +104,25 @@ def _kind(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "a list"
     return type(value).__name__
+
+
+def load_yaml_config(path: str | Path, known: set[str] | frozenset[str]) -> dict[str, Any]:
+    """A daemon's YAML config file as a dict of known top-level fields (empty file: ``{}``).
+
+    Unreadable files, malformed YAML, a non-mapping document and unknown fields are ConfigErrors.
+    """
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path}: malformed YAML: {exc}") from None
+    if data is None:
+        return {}
+    data = dict(mapping(data, "config"))
+    reject_unknown(data, known, "")
+    return data

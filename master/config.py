@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from oobleck.common import validate as v
 from oobleck.common.tls import split_host_port
 from oobleck.common.validate import ConfigError
@@ -143,19 +141,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError("config", f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("config", f"{path}: malformed YAML: {exc}") from exc
-    if data is None:
-        return {}
-    data = dict(v.mapping(data, "config"))
-    v.reject_unknown(data, set(_FIELDS), "")
-    return data
+    return v.load_yaml_config(path, set(_FIELDS))
 
 
 def config_from_sources(
