@@ -178,22 +178,30 @@ class Cluster:
         self._channel = sync_channel(self.target, token=ADMIN_TOKEN)
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
         for i in range(nodes):
-            name = f"node{i}"
-            work = self.root / name
-            work.mkdir(exist_ok=True)
-            daemon = self._spawn(
-                name,
-                [
-                    str(AGENT), "--master", self.target, "--token-file", str(self.root / "agent.token"),
-                    "--node-name", name, "--slots", "1", "--work-dir", str(work), "--stop-timeout-s", "5",
-                ],
-                env=WORKER_ENV,
-            )  # fmt: skip
-            daemon.work_dir = work.resolve()
-            self.agents[name] = daemon
+            self.spawn_agent(f"node{i}")
         for daemon in self.agents.values():
             self._wait_ready(daemon, deadline)
         self.wait_nodes(lambda ns: len(ns) == nodes, f"{nodes} registered nodes", deadline - time.monotonic())
+
+    def spawn_agent(self, name: str) -> Daemon:
+        """Start an agent (one slot) against the running master; :meth:`stop` stops it too."""
+        work = self.root / name
+        work.mkdir(exist_ok=True)
+        daemon = self._spawn(
+            name,
+            [
+                str(AGENT), "--master", self.target, "--token-file", str(self.root / "agent.token"),
+                "--node-name", name, "--slots", "1", "--work-dir", str(work), "--stop-timeout-s", "5",
+            ],
+            env=WORKER_ENV,
+        )  # fmt: skip
+        daemon.work_dir = work.resolve()
+        self.agents[name] = daemon
+        return daemon
+
+    def add_agent(self, name: str, timeout_s: float = 30.0) -> dict:
+        """A fresh node joining later: start its agent and wait until it is ready."""
+        return self._wait_ready(self.spawn_agent(name), time.monotonic() + timeout_s)
 
     # -- admin ------------------------------------------------------------------------------------
 
