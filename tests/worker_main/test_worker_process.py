@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,12 @@ def test_sigkilled_peer_then_reconfigure_resumes_like_the_reference(tmp_path, st
     assert victim_dead.wait(80), workers.all_logs()
     assert workers.procs[(2, 0)].returncode == -signal.SIGKILL
 
+    # Both survivors fail step 3 before generation 2 is sent (otherwise a survivor may pick the
+    # command up between steps, never start step 3, and the failure path goes untested).
+    deadline = time.monotonic() + 80
+    while not all("abandoned" in workers.log(n) for n in (1, 3)):
+        assert time.monotonic() < deadline, workers.all_logs()
+        time.sleep(0.02)
     survivors = {1: [0], 3: [1]}
     gen2 = plan_message(2, [((1,), 4), ((3,), 4)], ONE_NODE_ONE_STAGE, survivors, store_port, resume_step=kill_at)
     for n in (1, 3):
