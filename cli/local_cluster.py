@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import secrets
-import select
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from oobleck.common.procs import wait_pid_gone
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +52,6 @@ def log_tail(path: Path, limit: int = 2000) -> str:
     except OSError:
         return ""
     return data[-limit:].decode("utf-8", "replace")
-
-
-def _wait_pid_gone(pid: int, timeout_s: float) -> bool:
-    """True once ``pid`` has exited (or is a zombie), False at the deadline."""
-    try:
-        fd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
-        return True
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(max(0.0, timeout_s) * 1000))
-    finally:
-        os.close(fd)
 
 
 def _ppid(pid: int) -> int | None:
@@ -227,7 +214,7 @@ class LocalCluster:
                     f"{daemon.name} not ready within {self.config.ready_timeout_s:g}s; last lines of "
                     f"{daemon.log_path}:\n{log_tail(daemon.log_path).rstrip()}"
                 )
-            _wait_pid_gone(daemon.pid, READY_POLL_S)  # wakes early if it dies
+            wait_pid_gone(daemon.pid, READY_POLL_S)  # wakes early if it dies
 
     def wait_master(self) -> str:
         assert self.master is not None
@@ -302,7 +289,7 @@ class LocalCluster:
             _kill_group_and_pid(pid, signal.SIGKILL)
         agent.proc.wait(timeout=10)
         for pid in workers:
-            _wait_pid_gone(pid, 5.0)
+            wait_pid_gone(pid, 5.0)
         log.info("killed node %d: agent pid %d, workers %s", node_id, agent.pid, sorted(workers))
         return [agent.pid, *sorted(workers)]
 
@@ -336,6 +323,6 @@ class LocalCluster:
             log.warning("worker pid %d outlived its agent: SIGKILL", pid)
             _kill_group_and_pid(pid, signal.SIGKILL)
         for pid in leftovers:
-            _wait_pid_gone(pid, 5.0)
+            wait_pid_gone(pid, 5.0)
         if self.master is not None:
             self._stop_daemons([self.master])

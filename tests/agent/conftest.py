@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -13,25 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from oobleck.common.procs import wait_pid_gone
+
 from .fake_master import FakeMaster
 
 BIN = Path(sys.executable).parent
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 TOKEN = "agent-test-token"
-
-
-def wait_pid_gone(pid: int, timeout_s: float) -> bool:
-    """True once ``pid`` has exited (a zombie counts as exited), False at the deadline."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(timeout_s * 1000))
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from oobleck.common.procs import wait_pid_gone
 from oobleck.common.tls import sync_channel
 from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc
 
@@ -42,20 +42,6 @@ WORKER_ENV = {
     "OOBLECK_TORCH_THREADS": "1",
     "OOBLECK_WORKER_DEVICE": "cpu",
 }
-
-
-def wait_pid_gone(pid: int, timeout_s: float) -> bool:
-    """True once ``pid`` has exited (a zombie counts as exited), False at the deadline."""
-    try:
-        fd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
-        return True
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(max(0.0, timeout_s) * 1000))
-    finally:
-        os.close(fd)
 
 
 def proc_state(pid: int) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from oobleck.common.procs import wait_pid_gone
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_WORKER = REPO / "tests" / "agent" / "fake_worker.py"
@@ -52,20 +53,6 @@ def spec_text(*, steps: int, profile: str | None = None, extra: str = "") -> str
     if profile:
         lines.append(f"profile: {profile}")
     return "\n".join(lines) + "\n" + extra
-
-
-def wait_pid_gone(pid: int, timeout_s: float) -> bool:
-    """True once ``pid`` has exited (a zombie counts as exited), False at the deadline."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(timeout_s * 1000))
-    finally:
-        os.close(fd)
 
 
 def pids_under(work_dir: Path) -> set[int]:
