@@ -7,6 +7,8 @@ uses it as the single-process baseline. It uses the same model, data order, loss
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from oobleck.worker import optim
@@ -54,3 +56,19 @@ class ReferenceTrainer:
             i: {n: p.detach().clone() for n, p in layer.named_parameters(remove_duplicate=False)}
             for i, layer in enumerate(self.model.layers)
         }
+
+
+def reference_run(spec_yaml: str, steps: int) -> tuple[list[float], dict[int, dict[str, torch.Tensor]]]:
+    """Losses of ``steps`` steps and the final per-layer parameters of the reference loop for the
+    job spec ``spec_yaml``. Tests call it with the same spec many times, so results are cached
+    (keyed by the YAML text; callers must not modify the returned tensors)."""
+    return _reference_run(spec_yaml, steps)
+
+
+@functools.cache
+def _reference_run(spec_yaml: str, steps: int):
+    from oobleck.common.jobspec import parse_job_spec
+
+    ref = ReferenceTrainer(parse_job_spec(spec_yaml))
+    losses = [ref.step() for _ in range(steps)]
+    return losses, ref.layer_state()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import torch
 
 from oobleck.common.jobspec import CheckpointSpec, DataSpec, JobSpec, ModelSpec, OptimizerSpec
+from oobleck.worker.reference import reference_run
 
 STEPS = 30
 CHECKPOINT_INTERVAL = 5
@@ -35,21 +35,11 @@ def job_spec(ckpt_dir: Path, profile: str, *, ft: int) -> JobSpec:
     return base_spec(ft=ft, profile=profile, checkpoint=CheckpointSpec(str(ckpt_dir), CHECKPOINT_INTERVAL))
 
 
-@functools.cache
-def _reference(training_yaml: str, steps: int):
-    from oobleck.common.jobspec import parse_job_spec
-    from oobleck.worker.reference import ReferenceTrainer
-
-    ref = ReferenceTrainer(parse_job_spec(training_yaml))
-    losses = [ref.step() for _ in range(steps)]
-    return losses, ref.layer_state()
-
-
 def reference(spec: JobSpec):
     """Losses and final per-layer parameters of an uninterrupted single-process run of ``spec``
     (what the cluster layout and fault tolerance settings do not change is all that counts)."""
     training = dataclasses.replace(spec, ft=0, min_nodes=None, checkpoint=None, profile=None)
-    return _reference(training.to_yaml(), spec.steps)
+    return reference_run(training.to_yaml(), spec.steps)
 
 
 def assert_final_checkpoint_matches_reference(spec: JobSpec) -> None:

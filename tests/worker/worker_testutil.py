@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from oobleck.common.jobspec import DataSpec, JobSpec, ModelSpec, OptimizerSpec, parse_job_spec
-from oobleck.worker.reference import ReferenceTrainer
+from oobleck.common.jobspec import DataSpec, JobSpec, ModelSpec, OptimizerSpec
+from oobleck.worker.reference import reference_run
 
 STEPS = 3
 
@@ -31,16 +29,9 @@ def tiny_spec(model: str = "gpt", **overrides) -> JobSpec:
     return JobSpec(**kwargs)
 
 
-@functools.cache
-def _reference(spec_yaml: str, steps: int):
-    ref = ReferenceTrainer(parse_job_spec(spec_yaml))
-    losses = [ref.step() for _ in range(steps)]
-    return losses, ref.layer_state()
-
-
 def reference(spec: JobSpec, steps: int = STEPS):
     """Losses and per-layer parameters of the single-process loop (cached per spec)."""
-    return _reference(spec.to_yaml(), steps)
+    return reference_run(spec.to_yaml(), steps)
 
 
 def assert_matches_reference(spec: JobSpec, results: list[dict], steps: int = STEPS, first_step: int = 0) -> None:

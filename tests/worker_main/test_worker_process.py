@@ -6,7 +6,6 @@ and the parameters of the final checkpoint they write equal a plain PyTorch loop
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import torch
 
 from oobleck.common.jobspec import CheckpointSpec, DataSpec, JobSpec, ModelSpec, OptimizerSpec
 from oobleck.worker import checkpoint as ckpt
-from oobleck.worker.reference import ReferenceTrainer
+from oobleck.worker.reference import reference_run
 
 from .fake_agent import plan_message
 
@@ -46,17 +45,8 @@ def job_spec(ckpt_dir: Path, *, steps: int = STEPS, interval: int = 2, **config)
     )
 
 
-@functools.cache
-def _reference(spec_yaml: str, steps: int):
-    from oobleck.common.jobspec import parse_job_spec
-
-    ref = ReferenceTrainer(parse_job_spec(spec_yaml))
-    losses = [ref.step() for _ in range(steps)]
-    return losses, ref.layer_state()
-
-
 def reference(spec: JobSpec, steps: int = STEPS):
-    return _reference(spec.to_yaml(), steps)
+    return reference_run(spec.to_yaml(), steps)
 
 
 def assert_checkpoint_matches_reference(spec: JobSpec, steps: int = STEPS) -> None:
