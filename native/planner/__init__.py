@@ -19,7 +19,7 @@ from oobleck.planner.profile import (
     parse_profile,
     validate_profile,
 )
-from oobleck.planner.reconfigure import reconfigure, reconfigure_pipelines
+from oobleck.planner.reconfigure import reconfigure, reconfigure_pipelines, scale_up
 from oobleck.planner.templates import plan_templates
 
 __all__ = [
@@ -38,4 +38,5 @@ __all__ = [
     "instantiate",
     "reconfigure",
     "reconfigure_pipelines",
+    "scale_up",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 
 from oobleck.planner import native
 from oobleck.planner._native import ffi, lib
-from oobleck.planner.errors import InvalidInputError
+from oobleck.planner.errors import InfeasibleError, InvalidInputError
 from oobleck.planner.instantiate import (
     check_count,
     distribute_with_times,
@@ -261,3 +261,95 @@ def reconfigure(
 
 
 __all__ = ["compact_ranks", "plan_copies", "reconfigure", "reconfigure_pipelines"]
+
+
+def scale_up(
+    pipelines: Sequence[Sequence[int]],
+    added: Iterable[int],
+    *,
+    templates: TemplateSet,
+    profile: Profile,
+    cluster: Cluster,
+    microbatches: int,
+) -> Reconfiguration:
+    """Grow a running plan onto the nodes ``added`` (spares that joined): planner.md's
+    instantiation over the plan's nodes plus ``added``, laid out to move as few layers as possible.
+
+    The mix is the one :func:`instantiate` picks for that many nodes. Every current pipeline whose
+    size is in the new mix keeps its nodes (nothing to copy); the nodes of the other pipelines (in
+    stage order) and then the added nodes (ascending id) fill the remaining pipelines, smallest
+    first. Current nodes are always used before added ones, so the new plan holds every node of
+    the old one. Pipelines are listed by size, kept ones first within a size; the batch split,
+    ranks and the copy plan (from the old holders; nothing is lost) follow.
+
+    Raises :class:`InfeasibleError` when the new mix uses no more nodes than the current plan
+    (the added nodes stay spares), InvalidInputError on malformed input or an added node that is
+    already in the plan.
+    """
+    if not isinstance(templates, TemplateSet) or not templates.templates:
+        raise InvalidInputError("templates: expected a non-empty TemplateSet")
+    old = _pipelines(pipelines)
+    if isinstance(added, (str, bytes)) or not isinstance(added, Iterable):
+        raise InvalidInputError(f"added: expected node ids, got {added!r}")
+    new_ids = [node_id(n, f"added[{i}]") for i, n in enumerate(added)]
+    current = [n for p in old for n in p]
+    in_plan = set(current)
+    for n in new_ids:
+        if n in in_plan:
+            raise InvalidInputError(f"added: node {n} is already in the plan")
+    if len(set(new_ids)) != len(new_ids):
+        raise InvalidInputError("added: a node appears more than once")
+    check_count(microbatches, "microbatches", 1)
+    ranges = _Ranges(templates, profile.num_layers)
+    before = _holdings(old, ranges, "pipelines")
+    new_ids.sort()
+    inst = instantiate(templates, profile, cluster, current + new_ids, microbatches=microbatches)
+    used = sum(p.template_nodes for p in inst.pipelines)
+    if used <= len(current):
+        raise InfeasibleError(
+            f"no gain: the best mix over {len(current) + len(new_ids)} nodes uses {used}, "
+            f"the current plan already uses {len(current)}; nodes {new_ids} stay spares"
+        )
+    wanted: dict[int, int] = {}
+    for p in inst.pipelines:
+        wanted[p.template_nodes] = wanted.get(p.template_nodes, 0) + 1
+    kept: list[list[int]] = []
+    pool: list[int] = []
+    for p in old:
+        if wanted.get(len(p), 0) > 0:
+            wanted[len(p)] -= 1
+            kept.append(p)
+        else:
+            pool.extend(p)
+    pool.extend(new_ids)
+    filled: list[list[int]] = []
+    for size in sorted(wanted):
+        for _ in range(wanted[size]):
+            filled.append(pool[:size])
+            pool = pool[size:]
+    order = sorted(range(len(kept) + len(filled)), key=lambda i: (len((kept + filled)[i]), i))
+    new = [(kept + filled)[i] for i in order]
+    by_size = {t.num_nodes: t for t in templates.templates}
+    shares, times = distribute_with_times([by_size[len(p)] for p in new], microbatches)
+    plans = tuple(
+        PipelinePlan(template_nodes=len(p), nodes=tuple(p), microbatches=m, estimated_ms=ms)
+        for p, m, ms in zip(new, shares, times, strict=True)
+    )
+    after = _holdings(new, ranges, "new pipelines")
+    copies, copy_ms, restore = plan_copies(before, after, [], profile, cluster)
+    assert not restore, restore  # every layer had a holder before and nothing was lost
+    joined = sorted(set(new_ids) - set(pool))
+    reason = (
+        f"scaled up from {len(current)} to {used} nodes with {joined}: {len(plans)} pipelines of sizes "
+        f"{[len(p) for p in new]}, {len(kept)} kept as they were"
+    )
+    if pool:
+        reason += f"; {pool} stay spares (no mix uses every node)"
+    return Reconfiguration(
+        pipelines=plans,
+        ranks=_ranks(new, cluster.gpus_per_node),
+        copies=copies,
+        copy_ms=copy_ms,
+        reason=reason,
+        spares=tuple(pool),
+    )
