@@ -52,6 +52,11 @@ class MasterConfig:
     detect_tick_s: float = 0.05
     start_ack_timeout_s: float = 120.0
     reconfigure_ack_timeout_s: float = 60.0
+    # Scale up: spares that have been registered for scale_up_delay_s (so that several nodes
+    # coming back together give one reconfiguration) are added to a running plan when the
+    # planner's mix for the larger node count uses more nodes. --no-scale-up keeps them spare.
+    scale_up: bool = True
+    scale_up_delay_s: float = 2.0
     shutdown_grace_s: float = 5.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -92,6 +97,8 @@ class MasterConfig:
         v.number(self.detect_tick_s, "detect_tick_s", min_value=0.001, max_value=10)
         v.number(self.start_ack_timeout_s, "start_ack_timeout_s", min_value=0.0, exclusive_min=True)
         v.number(self.reconfigure_ack_timeout_s, "reconfigure_ack_timeout_s", min_value=0.0, exclusive_min=True)
+        v.boolean(self.scale_up, "scale_up")
+        v.number(self.scale_up_delay_s, "scale_up_delay_s", min_value=0.0, max_value=3600)
         v.number(self.shutdown_grace_s, "shutdown_grace_s", min_value=0.0, max_value=600)
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "ready_file"):
             if getattr(self, name) is not None:
@@ -135,7 +142,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         kind = _field_kind(name)
         if kind is bool:
-            parser.add_argument(flag, dest=name, action="store_true", default=None, help=f"set {name}")
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=f"set {name}"
+            )
         else:
             parser.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=f"{name}")
 

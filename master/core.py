@@ -24,6 +24,7 @@ from oobleck.master import planning
 from oobleck.master.config import MasterConfig
 from oobleck.master.detect import DetectConfig, DetectState, NodeLiveness, decide
 from oobleck.master.metrics import MasterMetrics
+from oobleck.master.scaleup import ScaleUpConfig, ScaleUpState, decide_scale_up
 from oobleck.master.store import AsyncStore, CommandRow, EventRow, JobRow, NodeRow
 from oobleck.protos.v1 import agent_pb2, plan_pb2
 
@@ -93,6 +94,7 @@ class NodeRuntime:
     failed_reason: str | None = None
     session: SessionHandle | None = None
     reattach_by_s: float | None = None  # set when state is loaded after a restart; cleared on attach
+    joined_s: float = 0.0  # when it registered (or the master loaded it): for the scale-up delay
 
 
 @dataclass
@@ -145,6 +147,8 @@ class Master:
         self.detect_config = DetectConfig(
             config.heartbeat_timeout_s, config.session_grace_s, config.coalesce_window_s, config.restart_grace_s
         )
+        self.scale_config = ScaleUpConfig(config.scale_up, config.scale_up_delay_s)
+        self._scale_tried: tuple[int, frozenset[int]] | None = None  # (generation, spares of no use then)
         self.nodes: dict[int, NodeRuntime] = {}
         self.job: JobRow | None = None
         self.pipelines: tuple[tuple[int, ...], ...] = ()
@@ -185,7 +189,7 @@ class Master:
         for row in snap.nodes:
             # Agents reconnect with backoff: everybody gets restart_grace_s to re-attach.
             self.nodes[row.node_id] = NodeRuntime(
-                row=row, last_seen_s=now, reattach_by_s=now + self.config.restart_grace_s
+                row=row, last_seen_s=now, reattach_by_s=now + self.config.restart_grace_s, joined_s=now
             )
         if self.job is not None:
             self.pipelines = tuple(tuple(p) for p in self.job.plan_json.get("pipelines", ()))
@@ -420,7 +424,7 @@ class Master:
                 "",
             )
             row = await self.store.call("register_node", row)
-            self.nodes[row.node_id] = NodeRuntime(row=row, last_seen_s=self.clock())
+            self.nodes[row.node_id] = NodeRuntime(row=row, last_seen_s=self.clock(), joined_s=self.clock())
             self._update_node_metrics()
             await self._record("node_registered", f"{row.name} ({row.slots} slots) registered", node_id=row.node_id)
             if self.job is not None and self.job.state == "PAUSED":
@@ -595,6 +599,35 @@ class Master:
         elif decision.reconfigure:
             # A reconfiguration is in flight: keep the deaths pending for the next round.
             self._pending_since = decision.pending_since_s
+        else:
+            added, why = decide_scale_up(now, self.scale_state(), self.scale_config)
+            if added:
+                log.info("detector: %s", why)
+                self._reconfig_task = asyncio.get_running_loop().create_task(self._scale_up(added))
+
+    def scale_state(self) -> ScaleUpState:
+        """Facts for :func:`~oobleck.master.scaleup.decide_scale_up`: live spares with the plan's slot
+        count (the planner assumes identical nodes), and whether the job is running steadily."""
+        job = self.job
+        busy = (
+            self._pending_since is not None
+            or bool(self._lost or self._drain)
+            or (self._reconfig_task is not None and not self._reconfig_task.done())
+        )
+        plan_slots = {self.nodes[n].row.slots for p in self.pipelines for n in p if n in self.nodes}
+        spares = tuple(
+            (n.row.node_id, n.joined_s)
+            for n in self.nodes.values()
+            if n.row.state == "spare"
+            and n.failed_reason is None
+            and n.session is not None
+            and n.row.slots in plan_slots
+        )
+        tried = None
+        if self._scale_tried is not None and job is not None and self._scale_tried[0] == job.generation:
+            tried = self._scale_tried[1]
+        running = job is not None and job.state == "RUNNING"
+        return ScaleUpState(job_running=running, busy=busy, spares=spares, tried=tried)
 
     async def detector_loop(self) -> None:
         while True:
@@ -747,14 +780,27 @@ class Master:
     async def _await_acks(
         self, waits: list[PendingCommand], timeout_s: float
     ) -> tuple[list[int], dict[str, float], list[int]]:
-        """Wait for acks until the deadline. Returns (missing or failed nodes, max phases, ok nodes)."""
+        """Wait for acks until the deadline, or until the first failed one (a nack, or its node
+        declared dead: the generation cannot complete, and waiting for the others, which are
+        blocked on that node, would only delay the next one). Returns (nodes that failed or
+        missed the deadline, max phases, ok nodes); nodes still pending after a failure are in
+        neither list."""
         futures = {pc.future: pc.row.node_id for pc in waits}
-        if futures:
-            await asyncio.wait(list(futures), timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        pending = set(futures)
+        while pending:
+            done, pending = await asyncio.wait(
+                pending, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done or any(not f.result()[0] for f in done):
+                break
         bad, ok_nodes, phases = [], [], {"regroup": 0.0, "copy": 0.0}
+        timed_out = loop.time() >= deadline
         for fut, node_id in futures.items():
             if not fut.done():
-                bad.append(node_id)
+                if timed_out:
+                    bad.append(node_id)
                 continue
             ok, _error, ph = fut.result()
             if not ok:
@@ -762,7 +808,7 @@ class Master:
                 continue
             ok_nodes.append(node_id)
             for k in ("regroup", "copy"):
-                phases[k] = max(phases[k], float(ph.get(k, 0.0)))
+                phases[k] = max(phases[k], float((ph or {}).get(k, 0.0)))
         return bad, phases, ok_nodes
 
     async def _fail_nodes(self, nodes: list[int], why: str) -> None:
@@ -827,67 +873,142 @@ class Master:
             except planner.InfeasibleError as exc:
                 await self._pause(f"not enough nodes after losing {sorted(gone)}: {exc}")
                 return
-            plan_s = self.clock() - t0
-            self.metrics.reconfigurations.inc()
-            job.generation, job.state = generation, "RECONFIGURING"
-            job.reason = f"lost nodes {sorted(lost)}" + (f", draining {sorted(drain)}" if drain else "")
-            job.plan = layout.plan.SerializeToString()
-            job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
-            self.pipelines = layout.pipelines
-            self.metrics.generation.set(generation)
-            t1 = self.clock()
-            survivors = layout.nodes
-            changed = []
-            for node_id in drain:
-                n = self.nodes[node_id]
-                if n.row.state != "dead":
-                    n.row.state, n.row.reason = "draining", "drained by operator"
-                    changed.append(n.row)
-            for node_id in layout.spares:
-                n = self.nodes.get(node_id)
-                if n is not None and n.row.state == "alive":
-                    n.row.state, n.row.reason = "spare", "left out of the new plan"
-                    changed.append(n.row)
-            rows = [
-                self._command(n, "reconfigure", reconfigure=agent_pb2.Reconfigure(plan=layout.plan)) for n in survivors
-            ]
-            rows += [
-                self._command(n, "drain", drain=agent_pb2.Drain(reason="drained by operator"))
-                for n in drain
-                if self.nodes[n].row.state == "draining"
-            ]
-            ev = self._new_event(
-                "reconfiguring",
-                f"generation {generation}: {len(layout.pipelines)} pipelines over {len(survivors)} nodes "
-                f"({layout.reason or 'replanned'})",
-                durations={"detect": detect_s, "plan": plan_s},
+            reason = f"lost nodes {sorted(lost)}" + (f", draining {sorted(drain)}" if drain else "")
+            await self._roll_out(
+                layout, reason, {"detect": detect_s, "plan": self.clock() - t0}, drain=drain, left=set(lost) | drain
             )
-            waits = await self._commit_and_send(rows, [ev], changed)
-            self._update_node_metrics()
-            notify_s = self.clock() - t1
-            recon_waits = [w for w in waits if w.row.kind == "reconfigure"]
-            bad, phases, _ok = await self._await_acks(recon_waits, self.config.reconfigure_ack_timeout_s)
-            durations = {"detect": detect_s, "plan": plan_s, "notify": notify_s, **phases}
-            self.metrics.observe_phases(durations)
-            if bad:
-                missing = [n for n in bad if self.nodes[n].row.state != "dead"]
-                await self._fail_nodes(missing, f"missed the ack deadline of generation {generation}")
-                await self._record(
-                    "reconfigure_incomplete", f"generation {generation}: no ack from {sorted(bad)}", durations=durations
+
+    async def _scale_up(self, added: tuple[int, ...]) -> None:
+        """Grow the running plan onto the spares ``added`` (see :mod:`oobleck.master.scaleup`)."""
+        async with self._plan_lock:
+            job = self.job
+            if job is None or job.state != "RUNNING" or self._lost or self._drain:
+                return
+            added = tuple(n for n in added if self.nodes[n].row.state == "spare" and not self.nodes[n].failed_reason)
+            if not added:
+                return
+            t0 = self.clock()
+            planner = self.planner
+            try:
+                ctx = await self._ensure_ctx()
+                layout = await asyncio.to_thread(
+                    planning.grow_layout,
+                    planner,
+                    ctx,
+                    self.pipelines,
+                    added,
+                    self._node_infos(),
+                    generation=job.generation + 1,
+                    resume_step=job.step,
                 )
-                return  # the detector starts the next generation for the newly dead nodes
-            job.state, job.reason = "RUNNING", ""
-            acked_at = self.clock()
-            await self.store.call("save_job", job)
+            except planner.PlannerError as exc:
+                self._scale_tried = (job.generation, frozenset(added))
+                await self._record("scale_up_skipped", f"spares {list(added)} stay spares: {exc}")
+                return
+            joined = sorted(set(layout.nodes) - {n for p in self.pipelines for n in p})
+            await self._roll_out(layout, f"scaling up onto nodes {joined}", {"plan": self.clock() - t0})
+
+    async def _roll_out(
+        self,
+        layout: planning.PlannedLayout,
+        reason: str,
+        durations: dict[str, float],
+        *,
+        drain: set[int] = frozenset(),
+        left: set[int] = frozenset(),
+    ) -> None:
+        """Persist and send the next generation (caller holds the plan lock): ``reconfigure`` to
+        the nodes of the current plan that are not ``left`` behind (dead or drained), including
+        those the new plan leaves out (their agents stop their workers and keep them as spares),
+        ``start`` to nodes that join from the spares, ``drain`` to drained nodes; then wait for
+        the acks and settle (or let the detector start the next generation for the nodes that
+        missed the deadline)."""
+        job = self.job
+        assert job is not None
+        generation = layout.plan.generation
+        old_nodes = [n for p in self.pipelines for n in p]
+        self.metrics.reconfigurations.inc()
+        job.generation, job.state, job.reason = generation, "RECONFIGURING", reason
+        job.plan = layout.plan.SerializeToString()
+        job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
+        self.pipelines = layout.pipelines
+        self.metrics.generation.set(generation)
+        t1 = self.clock()
+        in_plan = set(layout.nodes)
+        joining = [n for n in layout.nodes if n not in set(old_nodes)]
+        staying = [n for n in old_nodes if n not in left]
+        changed = []
+        for node_id in drain:
+            n = self.nodes[node_id]
+            if n.row.state != "dead":
+                n.row.state, n.row.reason = "draining", "drained by operator"
+                changed.append(n.row)
+        for node_id in staying:
+            n = self.nodes[node_id]
+            if node_id not in in_plan and n.row.state == "alive":
+                n.row.state, n.row.reason = "spare", "left out of the new plan"
+                changed.append(n.row)
+        for node_id in joining:
+            n = self.nodes[node_id]
+            n.row.state, n.row.reason = "alive", ""
+            changed.append(n.row)
+        rows = [
+            self._command(n, "reconfigure", reconfigure=agent_pb2.Reconfigure(plan=layout.plan))
+            for n in staying
+            if self.nodes[n].row.state != "dead"
+        ]
+        rows += [
+            self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=job.spec_yaml))
+            for n in joining
+        ]
+        rows += [
+            self._command(n, "drain", drain=agent_pb2.Drain(reason="drained by operator"))
+            for n in drain
+            if self.nodes[n].row.state == "draining"
+        ]
+        ev = self._new_event(
+            "reconfiguring",
+            f"generation {generation}: {len(layout.pipelines)} pipelines over {len(in_plan)} nodes "
+            f"({layout.reason or 'replanned'})",
+            durations=durations,
+        )
+        waits = await self._commit_and_send(rows, [ev], changed)
+        self._update_node_metrics()
+        notify_s = self.clock() - t1
+        recon_waits = [w for w in waits if w.row.kind in ("reconfigure", "start")]
+        bad, phases, ok_nodes = await self._await_acks(recon_waits, self.config.reconfigure_ack_timeout_s)
+        durations = {**durations, "notify": notify_s, **phases}
+        self.metrics.observe_phases(durations)
+        if bad or len(ok_nodes) < len(recon_waits):
+            dead = sorted(n for n in bad if self.nodes[n].row.state == "dead")
+            missing = sorted(n for n in bad if self.nodes[n].row.state != "dead")
+            await self._fail_nodes(missing, f"failed or missed the ack deadline of generation {generation}")
             await self._record(
-                "reconfigured", f"generation {generation} acked by {len(survivors)} nodes", durations=durations
+                "reconfigure_incomplete",
+                f"generation {generation} superseded: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"nodes {dead} died during it" if dead else "",
+                        f"no ack from {missing}" if missing else "",
+                    )
+                    if part
+                ),
+                durations=durations,
             )
-            # "resumed" follows "reconfigured" in the event log, even when a step of the new
-            # generation was reported while the acks were processed or the above was written.
-            if self._first_step_generation >= generation:
-                self._resumed(generation, self._first_step_s - acked_at)
-            else:
-                self._resume_wait = (generation, acked_at, durations)
+            return  # the detector starts the next generation for the nodes that died
+        job.state, job.reason = "RUNNING", ""
+        acked_at = self.clock()
+        await self.store.call("save_job", job)
+        await self._record(
+            "reconfigured", f"generation {generation} acked by {len(recon_waits)} nodes", durations=durations
+        )
+        # "resumed" follows "reconfigured" in the event log, even when a step of the new
+        # generation was reported while the acks were processed or the above was written.
+        if self._first_step_generation >= generation:
+            self._resumed(generation, self._first_step_s - acked_at)
+        else:
+            self._resume_wait = (generation, acked_at, durations)
 
     def _resumed(self, generation: int, resume_s: float) -> None:
         self._resume_wait = None

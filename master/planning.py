@@ -252,3 +252,43 @@ def next_layout(
         copy_ms=float(rec.copy_ms),
         reason=rec.reason,
     )
+
+
+def grow_layout(
+    planner: Any,
+    ctx: PlanContext,
+    pipelines: Sequence[Sequence[int]],
+    added: Sequence[int],
+    nodes: Mapping[int, NodeInfo],
+    *,
+    generation: int,
+    resume_step: int,
+) -> PlannedLayout:
+    """Scale up onto the spares ``added`` (raises InfeasibleError when they bring no gain). Blocking."""
+    rec = planner.scale_up(
+        [list(p) for p in pipelines],
+        list(added),
+        templates=ctx.templates,
+        profile=ctx.profile,
+        cluster=ctx.cluster,
+        microbatches=ctx.microbatches,
+    )
+    new_pipes = [tuple(p.nodes) for p in rec.pipelines]
+    plan = to_plan_proto(
+        generation=generation,
+        templates=ctx.templates,
+        pipelines=rec.pipelines,
+        ranks=dict(rec.ranks),
+        copies=rec.copies,
+        nodes=nodes,
+        resume_step=resume_step,
+        restore_from_checkpoint=False,
+    )
+    return PlannedLayout(
+        pipelines=tuple(new_pipes),
+        microbatches=tuple(p.microbatches for p in rec.pipelines),
+        spares=tuple(rec.spares),
+        plan=plan,
+        copy_ms=float(rec.copy_ms),
+        reason=rec.reason,
+    )

@@ -78,6 +78,17 @@ def make_fake_planner(nodes_per_pipeline: int = 1, calls: list | None = None) ->
         copies = tuple(pt.LayerCopy(layer=0, src=pipes[0].nodes[0], dst=p.nodes[0], bytes=100) for p in pipes[1:])
         return pt.Reconfiguration(pipelines=pipes, copies=copies, copy_ms=1.0, reason=f"lost {sorted(lost)}")
 
+    def scale_up(pipelines, added, *, templates, profile, cluster, microbatches):
+        calls.append(("scale_up", tuple(tuple(p) for p in pipelines), tuple(added)))
+        current = [n for p in pipelines for n in p]
+        pipes, spares = _group(current + sorted(added), microbatches)
+        if sum(len(p.nodes) for p in pipes) <= len(current):
+            raise planner_errors.InfeasibleError(f"no gain from {sorted(added)}")
+        copies = tuple(
+            pt.LayerCopy(layer=0, src=current[0], dst=n, bytes=100) for p in pipes for n in p.nodes if n in added
+        )
+        return pt.Reconfiguration(pipelines=pipes, copies=copies, copy_ms=1.0, reason="scaled up", spares=spares)
+
     def load_profile(path):
         data = json.loads(Path(path).read_text())
         return FakeProfile(model=data.get("model", "fake"))
@@ -90,6 +101,7 @@ def make_fake_planner(nodes_per_pipeline: int = 1, calls: list | None = None) ->
         plan_templates=plan_templates,
         instantiate=instantiate,
         reconfigure=reconfigure,
+        scale_up=scale_up,
         load_profile=load_profile,
         parse_profile=parse_profile,
         InfeasibleError=planner_errors.InfeasibleError,

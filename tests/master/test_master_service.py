@@ -492,3 +492,83 @@ def test_max_nodes_counts_live_nodes_only(tmp_path):
             await close_all([*agents, extra])
 
     run(body())
+
+
+def test_left_out_node_is_stopped_and_spares_scale_the_plan_back_up(tmp_path):
+    """Pipelines of two nodes: losing node 4 leaves [1, 2] and node 3 out of the plan (its agent is
+    told, so it stops its workers); a node that joins later makes a pair with node 3 again:
+    generation 3 restarts the two spares and reconfigures the running pipeline."""
+
+    async def body():
+        planner = make_fake_planner(nodes_per_pipeline=2)
+        async with running_master(tmp_path, planner=planner, scale_up_delay_s=0.3) as srv:
+            agents = await start_agents(srv, 4)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            for a in agents:
+                await a.send(step=agent_pb2.StepReport(generation=1, step=3, loss=2.5, samples_per_s=100.0))
+            await wait_until(lambda: srv.master.job.step == 3)
+            await agents[3].drop_session()
+            await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 2, what="generation 2")
+            assert srv.master.pipelines == ((1, 2),)
+            assert agents[2].kinds() == ["start", "reconfigure"]  # not in the plan: its agent stops workers
+            assert srv.master.nodes[3].row.state == "spare"
+            # Node 3 alone brings no gain: it stays a spare, once judged.
+            await wait_until(lambda: any(c[0] == "scale_up" for c in planner.calls), what="a scale-up attempt")
+            assert srv.master.generation == 2
+            late = await FakeAgent(srv.target, "late").start()
+            await wait_until(lambda: srv.master.generation == 3 and state_of(srv) == "RUNNING", what="generation 3")
+            assert srv.master.pipelines == ((1, 2), (3, late.node_id))
+            assert [c for c in planner.calls if c[0] == "scale_up"][-1] == ("scale_up", ((1, 2),), (3, late.node_id))
+            for a in agents[:2]:
+                assert a.kinds() == ["start", "reconfigure", "reconfigure"]
+                assert a.commands[-1].reconfigure.plan.resume_step == 3
+            for a in (agents[2], late):
+                cmd = a.commands[-1]
+                assert cmd.WhichOneof("body") == "start" and cmd.generation == 3
+                assert not cmd.start.plan.restore_from_checkpoint and len(cmd.start.plan.copies) > 0
+            listed = await stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)
+            states = {n.name: admin_pb2.NodeState.Name(n.state) for n in listed.nodes}
+            assert states["late"] == states["node2"] == "NODE_STATE_ALIVE"
+            log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+            skipped = [e for e in log if e.kind == "scale_up_skipped"]
+            assert len(skipped) == 1 and "spares [3] stay spares" in skipped[0].message
+            assert [e.kind for e in log].count("reconfigured") == 2
+            await close_all([*agents[:3], late], channel)
+
+    run(body())
+
+
+def test_a_death_during_a_reconfiguration_supersedes_it_at_once(tmp_path):
+    """Generation 2 waits for acks; one of its nodes dies before acking: the master does not wait
+    for the ack deadline (the others are blocked on that node) but moves to generation 3."""
+
+    async def body():
+        async with running_master(tmp_path, reconfigure_ack_timeout_s=30.0) as srv:
+            agents = await start_agents(srv, 4)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            for a in agents[1:]:
+                a.auto_ack = False
+            t0 = asyncio.get_running_loop().time()
+            await agents[0].drop_session()
+            await wait_until(lambda: srv.master.generation == 2, what="generation 2")
+            await wait_until(lambda: any(c.generation == 2 for c in agents[1].commands), what="gen 2 delivered")
+            await agents[2].drop_session()  # dies before acking generation 2
+            for a in (agents[1], agents[3]):
+                a.auto_ack = True
+            await wait_until(lambda: srv.master.generation == 3, what="generation 3")
+            await wait_until(lambda: state_of(srv) == "RUNNING", what="RUNNING")
+            assert asyncio.get_running_loop().time() - t0 < 10  # far from the 30 s ack deadline
+            assert srv.master.pipelines == ((2,), (4,))
+            for a in (agents[1], agents[3]):
+                assert [c.generation for c in a.commands if c.WhichOneof("body") == "reconfigure"] == [2, 3]
+            log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+            incomplete = [e for e in log if e.kind == "reconfigure_incomplete"]
+            assert len(incomplete) == 1 and "nodes [3] died during it" in incomplete[0].message
+            assert srv.master.nodes[2].row.state == "alive" and srv.master.nodes[4].row.state == "alive"
+            await close_all([agents[1], agents[3]], channel)
+
+    run(body())
