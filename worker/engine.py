@@ -36,7 +36,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,30 @@ from oobleck.worker.models import ModelDef
 from oobleck.worker.schedule import make_schedule
 
 log = logging.getLogger(__name__)
+
+
+def choose_position(everyone: list[dict], num_layers: int) -> dict | None:
+    """The training position a new generation resumes from, given what every rank carries
+    (``{"layers": {layer: bytes}, "position": dict | None}``; ``None``: nothing carried).
+
+    Normally every carrier is at the same position. A peer dying while the commit vote of a step
+    completes can leave some ranks past that step and others not (the vote is one all-reduce);
+    then the newest position at which every layer is still carried by some rank wins (the step is
+    kept when a whole pipeline committed it, rolled back otherwise), and layers carried at other
+    positions are discarded. None when no position has every layer.
+    """
+    by_key: dict[str, tuple[dict, set[int]]] = {}
+    for e in everyone:
+        if e["position"]:
+            key = json.dumps(e["position"], sort_keys=True)
+            by_key.setdefault(key, (e["position"], set()))[1].update(int(i) for i in e["layers"])
+    ordered = sorted(by_key.values(), key=lambda pl: (pl[0]["step"], pl[0].get("samples", 0)), reverse=True)
+    if len(ordered) == 1:
+        return ordered[0][0]
+    for position, layers in ordered:
+        if layers >= set(range(num_layers)):
+            return position
+    return None
 
 
 class StepFailed(RuntimeError):
@@ -232,12 +256,26 @@ class TrainingEngine:
         }
         everyone: list[dict | None] = [None] * self.plan.world_size
         dist.all_gather_object(everyone, info)
-        positions = {json.dumps(e["position"], sort_keys=True) for e in everyone if e and e["position"]}
-        if not positions:
+        if not any(e["position"] for e in everyone):
             return {"exchange_s": time.perf_counter() - t0}
-        if len(positions) > 1:
-            raise RuntimeError(f"ranks carry different training positions: {sorted(positions)}")
-        self.position = DataPosition.from_dict(json.loads(positions.pop()))
+        chosen = choose_position(everyone, self.model.num_layers)
+        if chosen is None:  # a split commit and no position with every layer: restore from a checkpoint
+            newest = max((e for e in everyone if e["position"]), key=lambda e: e["position"]["step"])["position"]
+            held = {int(i) for e in everyone if e["position"] == newest for i in e["layers"]}
+            raise LayersLost(sorted(set(range(self.model.num_layers)) - held))
+        if len({json.dumps(e["position"], sort_keys=True) for e in everyone if e["position"]}) > 1:
+            log.warning(
+                "ranks carry steps %s (a peer died while a step was being committed): continuing from step %d; "
+                "layers carried at other steps are dropped and copied again",
+                sorted({e["position"]["step"] for e in everyone if e["position"]}),
+                chosen["step"],
+            )
+            for e in everyone:
+                if e["position"] != chosen:
+                    e["layers"] = {}
+            if info["position"] != chosen:
+                carried = {}
+        self.position = DataPosition.from_dict(chosen)
         sent: dict[int, int] = {}
         copies: list[tuple[int, int, int]] = []
         missing: set[int] = set()
@@ -265,13 +303,16 @@ class TrainingEngine:
         self.import_layers(mine)
         return {"exchange_s": time.perf_counter() - t0, "copies": float(len(copies))}
 
-    def reconfigure(self, plan: PlanSpec, rank: int, init: DistInit) -> dict[str, float]:
+    def reconfigure(
+        self, plan: PlanSpec, rank: int, init: DistInit, *, before_copy: Callable[[], None] | None = None
+    ) -> dict[str, float]:
         """Move to a new generation: keep this process's layer states, leave the old process
         group, join the new one as ``rank``, build the layers held under ``plan`` and copy the
         missing ones (parameters + optimizer state) from ranks that have them. Training resumes
         at the recorded position with the new batch split. Returns each phase's duration.
 
         Raises :class:`LayersLost` if some layer has no surviving copy (restore from checkpoint).
+        ``before_copy`` is called once the new process group is joined, before the copy (drills).
         """
         t0 = time.perf_counter()
         # A reconfiguration that failed half-way (a peer died during the rendezvous or the copy)
@@ -289,6 +330,8 @@ class TrainingEngine:
         self._teardown()
         self._setup(plan, rank, init)
         t2 = time.perf_counter()
+        if before_copy is not None:
+            before_copy()
         try:
             phases = self._exchange(carried)
         except LayersLost:

@@ -170,10 +170,13 @@ def train_ranks(rank: int, init: DistInit, spec, plan, steps: int, options: dict
         engine.close()
 
 
-def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tuple[Any, int, dict[int, int]]]) -> dict:
+def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tuple]) -> dict:
     """A ``run_ranks`` target that lives through several generations (reconfiguration tests).
 
-    ``generations``: ``(plan, steps, {process: rank})``. A process missing from a generation's map
+    ``generations``: ``(plan, steps, {process: rank})``, optionally with a fourth item, the set of
+    processes that do not commit the generation's last step (they restore the state they had
+    before it, as a rank does when a peer dies while the commit vote completes on some ranks
+    only). A process missing from a generation's map
     leaves (as if its node failed: it closes its engine and does nothing more); a process that
     appears for the first time starts a fresh engine and receives its layers from the others.
     Returns the losses by step and, for processes in the last generation, their parameters.
@@ -183,7 +186,8 @@ def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tupl
     phases: list[dict[str, float]] = []
     left = False
     try:
-        for g, (plan, steps, ranks) in enumerate(generations):
+        for g, (plan, steps, ranks, *rest) in enumerate(generations):
+            uncommitted = rest[0] if rest else set()
             if process not in ranks:
                 if engine is not None:
                     engine.close()
@@ -197,9 +201,14 @@ def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tupl
                 engine = TrainingEngine(spec, plan, ranks[process], gen_init)
             else:
                 phases.append(engine.reconfigure(plan, ranks[process], gen_init))
-            for _ in range(steps):
+            for k in range(steps):
                 step = engine.position.step
+                undo = (engine.export_layers(), engine.position) if k == steps - 1 and process in uncommitted else None
                 losses[step] = engine.train_step().loss
+                if undo is not None:
+                    engine.import_layers(undo[0])
+                    engine.position = undo[1]
+                    del losses[step]
         params = {}
         if engine is not None:
             params = {

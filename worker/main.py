@@ -18,6 +18,12 @@ Tuning, from the environment (all optional):
 - ``OOBLECK_START_WAIT_S``: how long to wait for ``Start`` after attaching (default 600).
 - ``OOBLECK_STEP_RETRIES``: consecutive retries of a step that every rank voted failed
   (a local error on some rank, the process group intact) before giving up (default 2).
+- ``OOBLECK_WORKER_HOLD_FILE``: a path for fault drills and tests. While that file exists and
+  its words include ``step`` (or it is empty), the worker starts no new step (it keeps applying
+  commands); while they include ``copy``, a reconfiguration waits after joining the new process
+  group, before the layer copy. Deleting the file (or rewriting it) lets the worker go on. This
+  makes "the cluster changes between these two steps" or "a node dies while layers are being
+  copied" reproducible. Unset (the default): nothing is checked.
 
 Exit status: 0 (finished, or stopped by the agent's ``Stop``), 1 (failed; the agent was told
 with a fatal error), 2 (bad environment or no agent to attach to), 75 (the agent went away, see
@@ -47,6 +53,7 @@ ENV_COLLECTIVE_TIMEOUT_S = "OOBLECK_COLLECTIVE_TIMEOUT_S"
 ENV_RECONFIGURE_WAIT_S = "OOBLECK_RECONFIGURE_WAIT_S"
 ENV_START_WAIT_S = "OOBLECK_START_WAIT_S"
 ENV_STEP_RETRIES = "OOBLECK_STEP_RETRIES"
+ENV_HOLD_FILE = "OOBLECK_WORKER_HOLD_FILE"
 
 DEVICES = ("auto", "cpu", "cuda")
 EXIT_OK = 0
@@ -65,6 +72,7 @@ class WorkerSettings:
     reconfigure_wait_s: float = 600.0
     start_wait_s: float = 600.0
     step_retries: int = 2
+    hold_file: str | None = None  # fault drills: see OOBLECK_WORKER_HOLD_FILE
 
     def __post_init__(self) -> None:
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -103,6 +111,7 @@ class WorkerSettings:
             reconfigure_wait_s=number(ENV_RECONFIGURE_WAIT_S, float, cls.reconfigure_wait_s),
             start_wait_s=number(ENV_START_WAIT_S, float, cls.start_wait_s),
             step_retries=number(ENV_STEP_RETRIES, int, cls.step_retries),
+            hold_file=env.get(ENV_HOLD_FILE, "").strip() or None,
         )
 
 

@@ -34,10 +34,11 @@ process (logging, the link, closing). Behaviour:
   last step is reported (so the master never stops a worker in the middle of it), and
   :meth:`run` returns 0. ``stop`` returns 0 at once (between steps).
 
-Known limit: the commit vote is one all-reduce; if a peer dies exactly while it completes, some
-ranks may commit the step and others not. The engine then refuses the next reconfiguration
-("ranks carry different training positions") and the worker fails; the master recovers from the
-latest checkpoint.
+Split commits: the commit vote is one all-reduce, so a peer dying exactly while it completes
+can leave some ranks past the step and others not. The next reconfiguration reconciles them
+(:func:`~oobleck.worker.engine.choose_position`): the newest position at which every layer is
+still carried wins, stale layers are copied again; when no position has every layer the ranks
+report the layers lost and the job restores from its checkpoint.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ from oobleck.worker.main import ENV_DEVICE, WorkerSettings
 from oobleck.worker.planmsg import dist_init_from_proto, plan_from_proto
 
 log = logging.getLogger(__name__)
+
+
+HOLD_POLL_S = 0.05  # how often a held worker looks at its hold file (and waits for commands)
 
 
 class WorkerError(RuntimeError):
@@ -120,6 +124,7 @@ class Worker:
             torch.set_num_threads(settings.torch_threads)
         self._failed_in_a_row = 0
         self._last: tuple[StepResult, float] | None = None  # last step and its samples/s
+        self._holding: str | None = None  # where the worker is held by the hold file (logged once)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -142,6 +147,10 @@ class Worker:
                 elif self.engine.position.step >= self.spec.steps:
                     if self._finish():
                         return 0
+                elif self._held("step", f"before step {self.engine.position.step + 1}"):
+                    cmd = self.link.next_command(HOLD_POLL_S)
+                    if cmd is not None:
+                        self._handle(cmd)
                 else:
                     self._step()
         except StopRequested as stop:
@@ -153,6 +162,31 @@ class Worker:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.close()
+
+    def _held(self, point: str, where: str) -> bool:
+        """True while the drill's hold file exists and names ``point`` (``step`` or ``copy``; an
+        empty file means ``step``). See ``OOBLECK_WORKER_HOLD_FILE``."""
+        path = self.settings.hold_file
+        held = False
+        if path is not None:
+            try:
+                points = Path(path).read_text().split() or ["step"]
+            except OSError:  # absent (or unreadable): not held
+                points = []
+            held = point in points
+        if not held:
+            if self._holding is not None:
+                log.info("%s: released (%s)", self._who(), self._holding)
+                self._holding = None
+            return False
+        if self._holding != where:
+            self._holding = where
+            log.info("%s: held %s by %s", self._who(), where, path)
+        return True
+
+    def _hold_before_copy(self) -> None:
+        while self._held("copy", f"before the layer copy of generation {self.generation}"):
+            time.sleep(HOLD_POLL_S)
 
     def _who(self) -> str:
         rank = "-" if self.rank is None else self.rank
@@ -240,7 +274,9 @@ class Worker:
         init = dist_init_from_proto(cmd.plan, self.backend, self.settings.collective_timeout_s)
         t0 = time.perf_counter()
         try:
-            phases: dict[str, float] | None = self.engine.reconfigure(plan, rank, init)
+            phases: dict[str, float] | None = self.engine.reconfigure(
+                plan, rank, init, before_copy=self._hold_before_copy
+            )
         except LayersLost as exc:
             if not cmd.plan.restore_from_checkpoint:
                 raise WorkerError(f"generation {cmd.generation}: {exc}, and the plan does not restore") from exc

@@ -156,3 +156,45 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
             for name, value in params.items():
                 assert value.dtype == torch.float32  # master weights stay fp32
                 torch.testing.assert_close(value, fp32_state[layer][name], rtol=0.0, atol=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("uncommitted", "kept_step"),
+    [({2, 3}, True), ({0, 1}, False)],
+    ids=["one-pipeline-committed-step-kept", "committed-ranks-lack-layers-step-redone"],
+)
+def test_split_commit_is_reconciled_at_the_next_reconfiguration(uncommitted: set[int], kept_step: bool) -> None:
+    """A peer died while the commit vote of step 2 completed on some ranks only. Generation 1
+    (process 3 gone): when a whole pipeline committed step 2 (processes 0, 1), the others drop
+    their stale layers and copy the committed ones; when only process 2 (half a pipeline)
+    committed it, its layers are dropped and step 2 is redone. Either way the run equals the
+    reference."""
+    spec = tiny_spec("gpt", steps=4)
+    gens = [
+        (simple_plan([[2, 2], [2, 2]], [3, 5]), 2, {0: 0, 1: 1, 2: 2, 3: 3}, uncommitted),
+        (simple_plan([[2, 2], [4]], [4, 4]), 2 if kept_step else 3, {0: 0, 1: 1, 2: 2}),
+    ]
+    results = run_ranks(4, reconfigure_ranks, (spec, gens))
+    ref_losses, _ = reference(spec, 4)
+    for process in (0, 1, 2):
+        losses = results[process]["losses"]
+        # A rank that did not commit step 2 (index 1) and then copied it from others never ran it.
+        ran = [0, 2, 3] if kept_step and process in uncommitted else [0, 1, 2, 3]
+        assert sorted(losses) == ran, (process, losses)
+        assert [losses[s] for s in ran] == pytest.approx([ref_losses[s] for s in ran], rel=1e-5)
+    assert_params_match(spec, results[:3], steps=4)
+
+
+def test_choose_position_prefers_the_newest_complete_one() -> None:
+    from oobleck.worker.engine import choose_position
+
+    new, old = {"step": 5, "epoch": 0, "samples": 60}, {"step": 4, "epoch": 0, "samples": 48}
+    full_new = [{"layers": {0: 1, 1: 1}, "position": new}, {"layers": {0: 1, 1: 1}, "position": old}]
+    assert choose_position(full_new, 2) == new
+    half_new = [{"layers": {1: 1}, "position": new}, {"layers": {0: 1, 1: 1}, "position": old}]
+    assert choose_position(half_new, 2) == old
+    neither = [{"layers": {1: 1}, "position": new}, {"layers": {0: 1}, "position": old}]
+    assert choose_position(neither, 2) is None
+    one = [{"layers": {1: 1}, "position": new}, {"layers": {}, "position": None}]
+    assert choose_position(one, 2) == new  # a single position: missing layers are reported later
