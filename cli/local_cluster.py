@@ -227,22 +227,40 @@ class LocalCluster:
         """Start the agents against the (ready) master; returns at once, see :meth:`wait_agents`."""
         assert self.master_target, "wait_master() first"
         for i in range(self.config.nodes):
-            name = f"node{i}"
-            work = self.work_dir / name
-            ready = self.work_dir / f"{name}.ready.json"
-            argv = [
-                self.config.python, "-m", "oobleck.agent.main",
-                "--master", self.master_target,
-                "--token-file", str(self.agent_token_file),
-                "--node-name", name,
-                "--slots", str(self.config.slots_per_node),
-                "--work-dir", str(work),
-                "--stop-timeout-s", str(self.config.agent_stop_timeout_s),
-                "--ready-file", str(ready),
-            ]  # fmt: skip
-            if self.config.worker_command:
-                argv += ["--worker-command", self.config.worker_command]
-            self.agents.append(self._spawn(name, argv, ready, work))
+            self.agents.append(self._spawn_agent(f"node{i}"))
+
+    def _spawn_agent(self, name: str) -> Daemon:
+        work = self.work_dir / name
+        ready = self.work_dir / f"{name}.ready.json"
+        argv = [
+            self.config.python, "-m", "oobleck.agent.main",
+            "--master", self.master_target,
+            "--token-file", str(self.agent_token_file),
+            "--node-name", name,
+            "--slots", str(self.config.slots_per_node),
+            "--work-dir", str(work),
+            "--stop-timeout-s", str(self.config.agent_stop_timeout_s),
+            "--ready-file", str(ready),
+        ]  # fmt: skip
+        if self.config.worker_command:
+            argv += ["--worker-command", self.config.worker_command]
+        return self._spawn(name, argv, ready, work)
+
+    def restart_agent(self, name: str) -> Daemon:
+        """Start node ``name``'s agent again after it died (a node coming back): it registers anew,
+        under a new node id, and joins as a spare. Returns at once; its ready file names the id."""
+        old = next((a for a in self.agents if a.name == name), None)
+        if old is None:
+            raise ClusterError(f"no local agent is called {name!r}")
+        if old.alive():
+            raise ClusterError(f"{name}'s agent (pid {old.pid}) is still running")
+        new = self._spawn_agent(name)
+        self.agents[self.agents.index(old)] = new
+        return new
+
+    def wait_agent(self, daemon: Daemon) -> dict:
+        """Wait until one (re)started agent has registered; returns its ready-file contents."""
+        return self._wait_ready(daemon, time.monotonic() + self.config.ready_timeout_s)
 
     def wait_agents(self) -> dict[int, Daemon]:
         """Wait until every agent has registered (its ready file carries its node id)."""

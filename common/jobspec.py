@@ -35,7 +35,7 @@ MODEL_NAMES = ("gpt", "hf-gpt2", "hf-bert", "hf-llama")
 DATA_KINDS = ("synthetic", "text")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("1f1b", "gpipe")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
 MAX_SPEC_BYTES = 1 << 20
 
 

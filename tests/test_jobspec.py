@@ -93,7 +93,7 @@ def test_full_spec_round_trips():
         ({"checkpoint": {"interval_steps": 3}}, "checkpoint.dir", "required"),
         ({"checkpoint": {"dir": "/c", "interval_steps": 0}}, "checkpoint.interval_steps", "must be >= 1"),
         ({"schedule": "zb"}, "schedule", "must be one of 1f1b, gpipe"),
-        ({"precision": "fp8"}, "precision", "must be one of fp32, bf16"),
+        ({"precision": "fp8"}, "precision", "must be one of fp32, bf16, fp64"),
         ({"stepz": 3}, "stepz", "unknown field"),
         ({"name": ""}, "name", "must not be empty"),
     ],

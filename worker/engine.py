@@ -52,7 +52,7 @@ from oobleck.worker.data import DataPosition, GlobalOrder, make_dataset, make_ex
 from oobleck.worker.executor import StageExecutor, StepIO, TransferFailed
 from oobleck.worker.gradsync import GradSync, local_params, placement
 from oobleck.worker.layout import PlanSpec, RankAssignment, assign_ranks, lane_range, layer_holders
-from oobleck.worker.models import ModelDef
+from oobleck.worker.models import ModelDef, param_dtype
 from oobleck.worker.schedule import make_schedule
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class TrainingEngine:
         # bf16 autocast (parameters, optimizer state and transfers stay fp32); meant for GPUs, also
         # honoured on CPU so the code path is tested there.
         self.autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
+        self.param_dtype = param_dtype(spec.precision)
         self._owns_group = False
         self._ckpt_thread: threading.Thread | None = None
         self._ckpt_error: BaseException | None = None
@@ -215,7 +216,9 @@ class TrainingEngine:
         self.me: RankAssignment = self.assignments[rank]
         self.holders = layer_holders(self.assignments, self.model.num_layers)
         self.where = placement(self.holders, self.model.tied, self.model.num_layers)
-        self.layers: dict[int, nn.Module] = self.model.build_layers(self.me.layer_indices, self.device)
+        self.layers: dict[int, nn.Module] = self.model.build_layers(
+            self.me.layer_indices, self.device, self.param_dtype
+        )
         self.optimizer = optim.make_optimizer(spec.optimizer, self._params().values())
         if not dist.is_initialized():
             store = _make_store(init, plan.world_size, plan.generation)
@@ -382,6 +385,7 @@ class TrainingEngine:
             self.spec.microbatch_size,
             (self.spec.data.seq_len, cfg.hidden_size),
             self.device,
+            comm_dtype=self.param_dtype,
             autocast_dtype=self.autocast_dtype,
             use_tags=self._init.backend == "gloo",
         )

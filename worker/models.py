@@ -294,8 +294,11 @@ class ModelDef:
             return GptBlock(cfg)
         return _hf_layer(cfg, index)
 
-    def build_layer(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
-        """Build layer ``index`` with its deterministic initial parameters."""
+    def build_layer(
+        self, index: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Build layer ``index`` with its deterministic initial parameters (initialised in fp32, then
+        cast to ``dtype`` when given, so every precision starts from the same values)."""
         if not 0 <= index < self.num_layers:
             raise IndexError(f"layer {index} out of range [0, {self.num_layers})")
         with torch.random.fork_rng(devices=[]):
@@ -307,10 +310,12 @@ class ModelDef:
             emb = self.build_layer(0)
             with torch.no_grad():
                 get_param(module, self.tied[1]).copy_(get_param(emb, self.tied[0]))
-        return module.to(device)
+        return module.to(device=device, dtype=dtype)
 
-    def build_layers(self, indices: Iterable[int], device: torch.device | str = "cpu") -> dict[int, nn.Module]:
-        layers = {i: self.build_layer(i, device) for i in indices}
+    def build_layers(
+        self, indices: Iterable[int], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    ) -> dict[int, nn.Module]:
+        layers = {i: self.build_layer(i, device, dtype) for i in indices}
         tie_layers(self, layers)
         return layers
 
@@ -335,9 +340,9 @@ def tie_layers(model: ModelDef, layers: Mapping[int, nn.Module]) -> None:
 class SequentialModel(nn.Module):
     """All layers in one module: the single-process reference (and the profiler's subject)."""
 
-    def __init__(self, model: ModelDef, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: ModelDef, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        built = model.build_layers(range(model.num_layers), device)
+        built = model.build_layers(range(model.num_layers), device, dtype)
         self.layers = nn.ModuleList([built[i] for i in range(model.num_layers)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -347,6 +352,13 @@ class SequentialModel(nn.Module):
         return x
 
 
+def param_dtype(precision: str) -> torch.dtype:
+    """Parameter (and activation transfer) dtype of a job's ``precision``: float64 for ``fp64``
+    (CPU verification runs: summation order no longer shows over long runs), else float32 (bf16
+    is autocast over fp32 parameters)."""
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over each sample's labelled positions (label -100 = ignored): ``[n]``.
 
@@ -354,7 +366,9 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     microbatches, pipelines and data-parallel lanes whatever the plan.
     """
     n, t, v = logits.shape
-    tok = F.cross_entropy(logits.float().reshape(n * t, v), labels.reshape(n * t), ignore_index=-100, reduction="none")
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss of low-precision logits in fp32
+        logits = logits.float()
+    tok = F.cross_entropy(logits.reshape(n * t, v), labels.reshape(n * t), ignore_index=-100, reduction="none")
     tok = tok.view(n, t)
     count = (labels != -100).sum(dim=1).clamp(min=1)
     return tok.sum(dim=1) / count

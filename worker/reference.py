@@ -14,7 +14,7 @@ import torch
 from oobleck.worker import optim
 from oobleck.worker.config import validate_model_config
 from oobleck.worker.data import DataPosition, GlobalOrder, make_dataset, make_example
-from oobleck.worker.models import ModelDef, SequentialModel, per_sample_loss
+from oobleck.worker.models import ModelDef, SequentialModel, param_dtype, per_sample_loss
 
 
 class ReferenceTrainer:
@@ -22,7 +22,7 @@ class ReferenceTrainer:
         self.spec = spec
         self.cfg = validate_model_config(spec)
         self.model_def = ModelDef(self.cfg, spec.seed)
-        self.model = SequentialModel(self.model_def, device)
+        self.model = SequentialModel(self.model_def, device, param_dtype(spec.precision))
         self.device = torch.device(device)
         self.dataset = make_dataset(spec.data, self.cfg.vocab_size, self.cfg.objective)
         self.order = GlobalOrder(self.dataset.num_samples, spec.global_batch_size, spec.microbatch_size, spec.data.seed)

@@ -113,6 +113,8 @@ class Cluster:
         (root / "admin.token").write_text(ADMIN_TOKEN + "\n")
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.master_args: list[str] = []  # extra master flags, set before start()
+        self.agent_env: dict[str, str] = {}  # extra environment of agents (and their workers)
         self.master: Daemon | None = None
         self.agents: dict[str, Daemon] = {}
         self._channel: grpc.Channel | None = None
@@ -156,7 +158,7 @@ class Cluster:
                 "--token-file", str(self.root / "agent.token"), "--admin-token-file", str(self.root / "admin.token"),
                 "--heartbeat-interval-s", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout-s", str(self.heartbeat_timeout_s),
-                "--session-grace-s", "0.3", "--shutdown-grace-s", "2",
+                "--session-grace-s", "0.3", "--shutdown-grace-s", "2", *self.master_args,
             ],
         )  # fmt: skip
         info = self._wait_ready(self.master, deadline)
@@ -179,7 +181,7 @@ class Cluster:
                 str(AGENT), "--master", self.target, "--token-file", str(self.root / "agent.token"),
                 "--node-name", name, "--slots", "1", "--work-dir", str(work), "--stop-timeout-s", "5",
             ],
-            env=WORKER_ENV,
+            env={**WORKER_ENV, **self.agent_env},
         )  # fmt: skip
         daemon.work_dir = work.resolve()
         self.agents[name] = daemon

@@ -137,6 +137,7 @@ def test_hung_worker_is_detected_and_replaced(cluster, profile_path, tmp_path) -
     the node failed and stops the worker; the master reconfigures without that node. The agent
     itself stays up (and joins again as a spare)."""
     spec = job_spec(tmp_path / "ckpt", profile_path, ft=1)
+    cluster.master_args = ["--no-scale-up"]  # the frozen node's agent comes back: keep one reconfiguration
 
     def freeze(cluster, victims, worker_pids) -> None:
         for name in victims:
