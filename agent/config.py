@@ -40,6 +40,8 @@ class AgentConfig:
     liveness_timeout_s: float = 5.0
     startup_timeout_s: float = 120.0  # a worker's first heartbeat may take this long
     stop_timeout_s: float = 10.0  # SIGTERM -> this deadline -> SIGKILL
+    stop_grace_s: float = 2.0  # a Stop command: time for workers to exit on their own before SIGTERM
+    profile_timeout_s: float = 600.0  # the master's Profile command: longest profiling run
     probe_interval_s: float = 0.1  # how often workers are probed
     reconnect_max_backoff_s: float = 2.0
     rpc_timeout_s: float = 5.0  # deadline of unary calls to the master
@@ -92,6 +94,8 @@ class AgentConfig:
         v.number(self.liveness_timeout_s, "liveness_timeout_s", min_value=0.05, max_value=3600)
         v.number(self.startup_timeout_s, "startup_timeout_s", min_value=0.05, max_value=24 * 3600)
         v.number(self.stop_timeout_s, "stop_timeout_s", min_value=0.0, max_value=3600)
+        v.number(self.stop_grace_s, "stop_grace_s", min_value=0.0, max_value=3600)
+        v.number(self.profile_timeout_s, "profile_timeout_s", min_value=0.0, exclusive_min=True)
         v.number(self.probe_interval_s, "probe_interval_s", min_value=0.01, max_value=60)
         if self.probe_interval_s > self.liveness_timeout_s:
             raise ConfigError(
@@ -133,6 +137,8 @@ _HELP = {
     "liveness_timeout_s": "a worker whose heartbeat is silent this long is hung (default 5)",
     "startup_timeout_s": "time a new worker has to send its first heartbeat (default 120)",
     "stop_timeout_s": "SIGTERM to SIGKILL deadline when stopping workers (default 10)",
+    "stop_grace_s": "on a Stop command, time for workers to exit on their own before SIGTERM (default 2)",
+    "profile_timeout_s": "longest profiling run for the master's Profile command (default 600)",
     "probe_interval_s": "worker probe period (default 0.1)",
     "reconnect_max_backoff_s": "longest wait between reconnection attempts (default 2)",
     "rpc_timeout_s": "deadline of Register calls (default 5)",

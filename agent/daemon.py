@@ -41,6 +41,7 @@ import grpc
 from oobleck.agent import channel as worker_channel
 from oobleck.agent.config import MAX_UNIX_SOCKET_PATH, AgentConfig
 from oobleck.agent.processes import kill_processes_now, spawn_worker, stop_processes
+from oobleck.agent.profiling import ProfileFailed, run_profiler
 from oobleck.agent.supervision import LivenessConfig, Verdict, WorkerProbe, decide_worker, read_proc_state
 from oobleck.common.auth import bearer_metadata
 from oobleck.common.jobspec import parse_job_spec
@@ -411,8 +412,10 @@ class Agent:
             return
         self._outbox.put_nowait(message)
 
-    def _ack(self, command_id: int, generation: int, *, error: str = "", phases=None) -> None:
-        ack = agent_pb2.CommandAck(command_id=command_id, generation=generation, ok=not error, error=error)
+    def _ack(self, command_id: int, generation: int, *, error: str = "", phases=None, profile_json: str = "") -> None:
+        ack = agent_pb2.CommandAck(
+            command_id=command_id, generation=generation, ok=not error, error=error, profile_json=profile_json
+        )
         if phases is not None:
             ack.phases.CopyFrom(phases)
         if error:
@@ -464,9 +467,11 @@ class Agent:
                 await self._apply_reconfigure(cid, generation, command.reconfigure)
             elif body in ("stop", "drain"):
                 reason = getattr(command, body).reason or body
-                await self._stop_workers(f"{body}: {reason}")
+                await self._stop_workers(f"{body}: {reason}", polite=True)
                 self._last_generation = max(self._last_generation, generation)
                 self._ack(cid, generation)
+            elif body == "profile":
+                await self._apply_profile(cid, generation, command.profile)
             elif body == "kill":
                 log.warning("node %d: kill drill (%s): SIGKILL workers", self.node_id, command.kill.reason)
                 await self._stop_workers(f"kill: {command.kill.reason}", kill_now=True)
@@ -478,6 +483,19 @@ class Agent:
         except Exception as exc:  # a bad command must never take the agent down
             log.exception("node %d: command %d failed", self.node_id, cid)
             self._ack(cid, generation, error=f"internal error: {exc!r}")
+
+    async def _apply_profile(self, cid: int, generation: int, profile: agent_pb2.Profile) -> None:
+        try:
+            parse_job_spec(profile.job_spec_yaml)
+        except ConfigError as exc:
+            raise CommandError(f"profile.job_spec_yaml: {exc}") from None
+        try:
+            text = await run_profiler(
+                profile.job_spec_yaml, self.work_dir, self.config.profile_timeout_s, tag=f"profile-{cid}"
+            )
+        except ProfileFailed as exc:
+            raise CommandError(f"profile: {exc}") from None
+        self._ack(cid, generation, profile_json=text)
 
     def _check_plan(self, where: str, generation: int, plan: plan_pb2.Plan, present: bool) -> list[int] | None:
         """Validate ``plan``; return this node's ranks, or None when the node is not in it."""
@@ -565,7 +583,7 @@ class Agent:
         plan = reconfigure.plan
         mine = self._check_plan("reconfigure", generation, plan, reconfigure.HasField("plan"))
         if mine is None:
-            await self._stop_workers(f"not in the plan of generation {generation}: spare")
+            await self._stop_workers(f"not in the plan of generation {generation}: spare", polite=True)
             self._last_generation = generation
             self._ack(cid, generation)
             return
@@ -583,12 +601,18 @@ class Agent:
 
     # -- workers ---------------------------------------------------------------------------
 
-    async def _stop_workers(self, reason: str, *, kill_now: bool = False, only: list[Worker] | None = None) -> None:
+    async def _stop_workers(
+        self, reason: str, *, kill_now: bool = False, only: list[Worker] | None = None, polite: bool = False
+    ) -> None:
         async with self._workers_lock:
-            await self._stop_workers_locked(reason, kill_now=kill_now, only=only)
+            await self._stop_workers_locked(reason, kill_now=kill_now, only=only, polite=polite)
 
-    async def _stop_workers_locked(self, reason: str, *, kill_now: bool, only: list[Worker] | None = None) -> None:
-        """Stop every worker, or those of ``only`` that are still this agent's workers."""
+    async def _stop_workers_locked(
+        self, reason: str, *, kill_now: bool, only: list[Worker] | None = None, polite: bool = False
+    ) -> None:
+        """Stop every worker, or those of ``only`` that are still this agent's workers. ``polite``
+        (the master's Stop or Drain, or a plan without this node): the workers get
+        ``stop_grace_s`` to act on the stop command and exit 0 before SIGTERM."""
         workers = list(self._workers.values())
         if only is not None:
             workers = [w for w in workers if w in only]
@@ -602,7 +626,8 @@ class Agent:
             if not worker.stopping:
                 worker.stopping = True
                 worker.commands.put_nowait(stop)
-        await stop_processes([w.proc for w in workers], self.config.stop_timeout_s, kill_now=kill_now)
+        grace_s = self.config.stop_grace_s if polite else 0.0
+        await stop_processes([w.proc for w in workers], self.config.stop_timeout_s, kill_now=kill_now, grace_s=grace_s)
         for worker in workers:
             if not worker.exit_reported:
                 worker.exit_reported = True

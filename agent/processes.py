@@ -63,10 +63,19 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
             os.kill(proc.pid, sig)
 
 
-async def stop_processes(procs: Iterable[subprocess.Popen], timeout_s: float, *, kill_now: bool = False) -> None:
-    """SIGTERM (or SIGKILL when ``kill_now``) each process group, wait until ``timeout_s`` (one
-    monotonic deadline for all), SIGKILL what is left and reap it. Safe to call again."""
+async def stop_processes(
+    procs: Iterable[subprocess.Popen], timeout_s: float, *, kill_now: bool = False, grace_s: float = 0.0
+) -> None:
+    """Wait up to ``grace_s`` for the processes to exit on their own (they were asked to stop),
+    then SIGTERM (or SIGKILL when ``kill_now``: no grace) each process group, wait until
+    ``timeout_s`` (one monotonic deadline for all), SIGKILL what is left and reap it. Safe to
+    call again."""
     procs = [p for p in procs if p.poll() is None]
+    if not kill_now and grace_s > 0:
+        polite = time.monotonic() + grace_s
+        while any(p.poll() is None for p in procs) and time.monotonic() < polite:
+            await asyncio.sleep(_POLL_S)
+        procs = [p for p in procs if p.poll() is None]
     if not procs:
         return
     first = signal.SIGKILL if kill_now else signal.SIGTERM

@@ -29,8 +29,7 @@ EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
 ENV_MASTER = "OOBLECK_MASTER"
 ENV_ADMIN_TOKEN_FILE = "OOBLECK_ADMIN_TOKEN_FILE"
-ENV_TORCH_THREADS = "OOBLECK_TORCH_THREADS"
-ENV_WORKER_DEVICE = "OOBLECK_WORKER_DEVICE"
+SUBMIT_TIMEOUT_S = 900.0  # > the master's default profile_timeout_s
 
 DESCRIPTION = """\
 Launch an Oobleck training job and follow it to the end.
@@ -52,11 +51,9 @@ Launch an Oobleck training job and follow it to the end.
 
 Profile: the master plans from the per-layer profile that the job spec's `profile:` names
 (a path readable by the master; relative paths are taken relative to the job spec's folder).
-When the spec names none, oobleck-launch profiles the model here first (same device choice as
-the workers: CUDA when available, else CPU with $OOBLECK_TORCH_THREADS threads, default 1),
-caches the result in --profile-cache-dir (default $XDG_CACHE_HOME/oobleck/profiles), and submits
-a copy of the spec whose `profile:` points at it. With --master the cached file must be readable
-by the master too (same machine or shared file system); otherwise set `profile:` yourself.
+When the spec names none, the master has the model profiled on the first node (its agent runs
+the profiler on that node's device) and caches the result next to its state file, so only the
+first submission of a model configuration waits for the measurement.
 
 --kill-node-at-step K: fault injection for demos. Once the job reports step >= K, one node
 (--kill-node ID, default: the last node of the plan) is killed: with --local its agent and
@@ -103,9 +100,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="progress lines as JSON objects too")
     g.add_argument("--poll-s", type=float, default=0.2, metavar="S", help="status poll period (default 0.2)")
     g.add_argument("--timeout-s", type=float, default=0.0, metavar="S", help="give up after S seconds (0: never)")
-    g.add_argument(
-        "--profile-cache-dir", metavar="DIR", help="profile cache (default $XDG_CACHE_HOME/oobleck/profiles)"
-    )
     return p
 
 
@@ -128,33 +122,6 @@ def load_spec(path: str) -> tuple[Any, dict[str, Any]]:
         raw["profile"] = str((Path(path).resolve().parent / spec.profile).resolve())
         spec = job_spec_from_dict(raw)
     return spec, raw
-
-
-def default_profile_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "oobleck" / "profiles"
-
-
-def ensure_profile(spec, raw: dict[str, Any], cache_dir: Path) -> tuple[dict[str, Any], str, bool]:
-    """The spec mapping to submit (with ``profile:``), the profile path, and whether it was measured here."""
-    if spec.profile is not None:
-        if not Path(spec.profile).is_file():
-            log.warning("profile %s is not readable here; the master must be able to read it", spec.profile)
-        return raw, spec.profile, False
-    import torch
-
-    from oobleck.worker.profiler import cache_key, cached_profile
-
-    device = os.environ.get(ENV_WORKER_DEVICE, "auto")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(int(os.environ.get(ENV_TORCH_THREADS) or 1))
-    t0 = time.monotonic()
-    cached_profile(spec, cache_dir, device)
-    path = cache_dir / f"profile-{cache_key(spec, device)}.json"
-    log.info("profile for %s on %s: %s (%.1fs)", spec.model.name, device, path, time.monotonic() - t0)
-    return {**raw, "profile": str(path.resolve())}, str(path.resolve()), True
 
 
 # -- argument checks --------------------------------------------------------------------------------
@@ -246,7 +213,6 @@ class Launch:
     def run(self) -> int:
         args = self.args
         spec, raw = load_spec(args.config)  # ConfigError -> exit 2 before anything starts
-        cache_dir = Path(args.profile_cache_dir) if args.profile_cache_dir else default_profile_cache()
         if args.local is not None:
             from oobleck.cli.local_cluster import LocalCluster, LocalClusterConfig
 
@@ -267,7 +233,6 @@ class Launch:
             )
             self._print(f"local cluster: master + {args.local} agents x {args.slots_per_node} slots in {self.work_dir}")
             self.cluster.start_master()
-            submit_raw, profile, measured = ensure_profile(spec, raw, cache_dir)  # while the master starts
             target = self.cluster.wait_master()
             self.cluster.start_agents()
             self.cluster.wait_agents()
@@ -275,11 +240,10 @@ class Launch:
             _wait_registered(stub, args.local, 30.0)
             self._print(f"master {target} (http {self.cluster.http_port}); {args.local} agents registered")
         else:
-            submit_raw, profile, measured = ensure_profile(spec, raw, cache_dir)
             self.channel, stub = _admin_channel(args.master, args.token_file, args)
-        if measured:
-            self._print(f"profile: {profile} (measured here, or from the cache)")
-        return self._submit_and_follow(stub, yaml.safe_dump(submit_raw, sort_keys=False), spec)
+        if spec.profile is None:
+            self._print("profile: measured by the master on the first node (or taken from its cache)")
+        return self._submit_and_follow(stub, yaml.safe_dump(raw, sort_keys=False), spec)
 
     def _submit_and_follow(self, stub, spec_yaml: str, spec) -> int:
         import grpc
@@ -292,7 +256,8 @@ class Launch:
             (self.work_dir / "job.yaml").write_text(spec_yaml)
         since = existing_event_id(stub)
         try:
-            res = stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec_yaml), timeout=60)
+            # Generous: a spec without `profile:` is profiled by the master before it answers.
+            res = stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec_yaml), timeout=SUBMIT_TIMEOUT_S)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                 raise UsageError(f"the master rejected the job: {' '.join((exc.details() or '').split())}") from None

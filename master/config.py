@@ -55,6 +55,7 @@ class MasterConfig:
     # Scale up: spares that have been registered for scale_up_delay_s (so that several nodes
     # coming back together give one reconfiguration) are added to a running plan when the
     # planner's mix for the larger node count uses more nodes. --no-scale-up keeps them spare.
+    profile_timeout_s: float = 600.0  # a job spec without `profile:`: the agent's profiling run
     scale_up: bool = True
     scale_up_delay_s: float = 2.0
     shutdown_grace_s: float = 5.0
@@ -97,6 +98,7 @@ class MasterConfig:
         v.number(self.detect_tick_s, "detect_tick_s", min_value=0.001, max_value=10)
         v.number(self.start_ack_timeout_s, "start_ack_timeout_s", min_value=0.0, exclusive_min=True)
         v.number(self.reconfigure_ack_timeout_s, "reconfigure_ack_timeout_s", min_value=0.0, exclusive_min=True)
+        v.number(self.profile_timeout_s, "profile_timeout_s", min_value=0.0, exclusive_min=True)
         v.boolean(self.scale_up, "scale_up")
         v.number(self.scale_up_delay_s, "scale_up_delay_s", min_value=0.0, max_value=3600)
         v.number(self.shutdown_grace_s, "shutdown_grace_s", min_value=0.0, max_value=600)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from oobleck.master import planning
+from oobleck.master import planning, profiles
 from oobleck.master.config import MasterConfig
 from oobleck.master.detect import DetectConfig, DetectState, NodeLiveness, decide
 from oobleck.master.metrics import MasterMetrics
@@ -101,6 +102,7 @@ class NodeRuntime:
 class PendingCommand:
     row: CommandRow
     future: asyncio.Future = field(repr=False)
+    profile_json: str = field(default="", repr=False)  # what a Profile command's ack carried
 
 
 @dataclass
@@ -508,13 +510,27 @@ class Master:
             self._spawn(self._finish("SUCCEEDED", f"reached step {job.step} of {job.total_steps}"))
 
     async def on_ack(
-        self, node: NodeRuntime, command_id: int, generation: int, ok: bool, error: str, phases: dict[str, float]
+        self,
+        node: NodeRuntime,
+        command_id: int,
+        generation: int,
+        ok: bool,
+        error: str,
+        phases: dict[str, float],
+        profile_json: str = "",
     ) -> None:
         node.last_seen_s = self.clock()
-        await self._apply_ack(node.row.node_id, command_id, generation, ok, error, phases)
+        await self._apply_ack(node.row.node_id, command_id, generation, ok, error, phases, profile_json)
 
     async def _apply_ack(
-        self, node_id: int, command_id: int, generation: int, ok: bool, error: str, phases: dict[str, float] | None
+        self,
+        node_id: int,
+        command_id: int,
+        generation: int,
+        ok: bool,
+        error: str,
+        phases: dict[str, float] | None,
+        profile_json: str = "",
     ) -> None:
         pc = self.pending.get(command_id)
         if pc is None:
@@ -532,6 +548,7 @@ class Master:
             row.state, row.reason = "spare", "drained"
             await self.store.call("save_node", row)
             self._update_node_metrics()
+        pc.profile_json = profile_json
         if not pc.future.done():
             pc.future.set_result((ok, error, phases or {}))
 
@@ -700,26 +717,24 @@ class Master:
                 model = validate_model_config(spec)
             except ConfigError as exc:
                 raise MasterError("INVALID_ARGUMENT", f"job_spec_yaml: {exc}") from None
-            if spec.profile is None:
-                raise MasterError(
-                    "FAILED_PRECONDITION",
-                    "profile: the job spec names no profile file; profiling runs are not supported yet, "
-                    "so set `profile:` to a profile JSON (oobleck-profile/1) readable by the master",
-                )
-            planner = self.planner
-            try:
-                profile = await asyncio.to_thread(planner.load_profile, spec.profile)
-            except (OSError, ValueError) as exc:
-                raise MasterError("INVALID_ARGUMENT", f"profile: cannot load {spec.profile!r}: {exc}") from None
-            if profile.num_layers != model.num_layers:
-                raise MasterError(
-                    "INVALID_ARGUMENT",
-                    f"profile: {spec.profile!r} has {profile.num_layers} layers but the model "
-                    f"({spec.model.name}, {model.num_blocks} blocks) has {model.num_layers}; profile this model",
-                )
             candidates, odd = planning.plannable_nodes(self._planning_nodes())
             if not candidates:
                 raise MasterError("FAILED_PRECONDITION", "no live nodes are registered; start agents first")
+            planner = self.planner
+            if spec.profile is None:
+                profile, source = await self._measured_profile(spec, spec_yaml, candidates[0])
+            else:
+                source = repr(spec.profile)
+                try:
+                    profile = await asyncio.to_thread(planner.load_profile, spec.profile)
+                except (OSError, ValueError) as exc:
+                    raise MasterError("INVALID_ARGUMENT", f"profile: cannot load {spec.profile!r}: {exc}") from None
+            if profile.num_layers != model.num_layers:
+                raise MasterError(
+                    "INVALID_ARGUMENT",
+                    f"profile: {source} has {profile.num_layers} layers but the model "
+                    f"({spec.model.name}, {model.num_blocks} blocks) has {model.num_layers}; profile this model",
+                )
             generation = self.generation + 1
             try:
                 ctx = await asyncio.to_thread(
@@ -776,6 +791,52 @@ class Master:
             self._update_node_metrics()
             self._spawn(self._await_acks_then_settle(waits, self.config.start_ack_timeout_s))
             return job_id, generation
+
+    async def _measured_profile(self, spec: Any, spec_yaml: str, node: planning.NodeInfo) -> tuple[Any, str]:
+        """The profile of a spec without ``profile:`` (see :mod:`oobleck.master.profiles`): cached,
+        or measured by ``node``'s agent. Returns (parsed profile, where it came from)."""
+        planner = self.planner
+        key = profiles.cache_key(spec, node.slots, node.gpu_memory_bytes)
+        path = profiles.cache_path(self.config.state_file, key)
+        data = await asyncio.to_thread(profiles.read_cached, path)
+        fresh = data is None
+        if fresh:
+            row = self._command(node.node_id, "profile", profile=agent_pb2.Profile(job_spec_yaml=spec_yaml))
+            ev = self._new_event(
+                "profiling", f"measuring {spec.model.name} on node {node.node_id}", node_id=node.node_id
+            )
+            (pc,) = await self._commit_and_send([row], [ev], [], False)
+            timeout_s = self.config.profile_timeout_s
+            try:
+                ok, error, _ = await asyncio.wait_for(asyncio.shield(pc.future), timeout=timeout_s)
+            except TimeoutError:
+                self.pending.pop(row.command_id, None)
+                await self.store.call("ack_command", row.command_id, False, "timed out")
+                raise MasterError(
+                    "DEADLINE_EXCEEDED",
+                    f"profile: node {node.node_id} did not finish profiling within {timeout_s:g}s "
+                    "(profile_timeout_s); set `profile:` to a measured profile or raise the timeout",
+                ) from None
+            if not ok:
+                raise MasterError("FAILED_PRECONDITION", f"profile: profiling on node {node.node_id} failed: {error}")
+            try:
+                data = json.loads(pc.profile_json)
+            except ValueError as exc:
+                raise MasterError(
+                    "FAILED_PRECONDITION", f"profile: node {node.node_id} returned a malformed profile: {exc}"
+                ) from None
+        try:
+            profile = planner.parse_profile(data)
+        except (ValueError, TypeError, planner.PlannerError) as exc:
+            if not fresh:  # a bad cache entry: measure again next time
+                await asyncio.to_thread(path.unlink, True)
+            where = f"node {node.node_id}'s profile" if fresh else f"cached profile {path}"
+            why = f"profile: {where} is not a valid oobleck-profile/1: {exc}"
+            raise MasterError("FAILED_PRECONDITION", why) from None
+        if fresh:
+            await asyncio.to_thread(profiles.write_cached, path, data)
+            log.info("profile of %s measured on node %d, cached at %s", spec.model.name, node.node_id, path)
+        return profile, f"the profile measured on node {node.node_id}" if fresh else f"cached profile {path}"
 
     async def _await_acks(
         self, waits: list[PendingCommand], timeout_s: float
@@ -1030,6 +1091,10 @@ class Master:
         rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in survivors]
         await self._commit_and_send(rows, [self._new_event("job_paused", reason)], changed)
         self._update_node_metrics()
+        # Nodes may have registered while the failed generation was being handled (a node whose
+        # workers failed re-registers as a spare at once): try to restore now, not only on the
+        # next registration.
+        self._spawn(self._try_resume())
 
     async def _resume_after_restart(self) -> None:
         # Give the agents one heartbeat timeout to re-attach, then see whether they suffice.

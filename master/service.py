@@ -34,6 +34,7 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 HELLO_TIMEOUT_S = 10.0
 MAX_NAME_CHARS = 253
 MAX_TEXT_CHARS = 1024
+MAX_PROFILE_CHARS = 4 << 20  # an oobleck-profile/1 document in a Profile ack
 
 
 class _Invalid(Exception):
@@ -48,6 +49,13 @@ def _text(value: str, field: str, *, max_chars: int = MAX_NAME_CHARS, allow_empt
         raise _Invalid(field, f"at most {max_chars} characters, got {len(value)}")
     if any(not ch.isprintable() for ch in value):
         raise _Invalid(field, "must not contain control characters")
+    return value
+
+
+def _json_text(value: str, field: str, max_chars: int) -> str:
+    """A JSON document (line breaks allowed; parsed where it is used)."""
+    if len(value) > max_chars:
+        raise _Invalid(field, f"at most {max_chars} characters, got {len(value)}")
     return value
 
 
@@ -178,6 +186,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         a.ok,
                         _text(a.error, "ack.error", max_chars=MAX_TEXT_CHARS * 4, allow_empty=True),
                         phases,
+                        _json_text(a.profile_json, "ack.profile_json", MAX_PROFILE_CHARS),
                     )
                 elif kind == "failure":
                     master.on_failure(node, msg.failure.reason[:MAX_TEXT_CHARS])

@@ -7,6 +7,11 @@ layer saves for backward (unique storages, parameters excluded), ``output_bytes`
 output, ``param_bytes`` the size of its parameters. Results are cached in a directory under a key
 made of the model config, microbatch size, sequence length, precision and device name, so
 changing any of them invalidates the cache.
+
+``python -m oobleck.worker.profiler --spec JOB.yaml --out PROFILE.json [--device auto|cpu|cuda]
+[--cache-dir DIR]`` is what an agent runs for the master's ``Profile`` command: it writes the
+profile atomically to ``--out`` and exits 0; a bad job spec exits 2, any other failure 1, with
+one line on stderr.
 """
 
 from __future__ import annotations
@@ -165,3 +170,48 @@ def cached_profile(spec, cache_dir: str | Path, device: str | torch.device = "cp
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
     return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from oobleck.common.jobspec import load_job_spec
+    from oobleck.common.logs import setup_logging
+    from oobleck.common.validate import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m oobleck.worker.profiler", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True, help="job spec YAML (model, data, microbatch size, precision)")
+    parser.add_argument("--out", required=True, help="where to write the oobleck-profile/1 JSON")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--cache-dir", default=None, help="reuse and store profiles here (keyed, see above)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for the measurement (default 1)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        spec = load_job_spec(args.spec)
+        validate_model_config(spec)
+    except ConfigError as exc:
+        print(f"profiler: {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        data = cached_profile(spec, args.cache_dir, device) if args.cache_dir else profile_model(spec, device)
+        out = Path(args.out)
+        fd, tmp = tempfile.mkstemp(prefix=".profile-", dir=out.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, out)
+    except Exception as exc:  # one line for the agent's nack; the traceback goes to the log
+        log.exception("profiling failed")
+        print(f"profiler: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -111,18 +111,20 @@ class PhaseTimes(_message.Message):
     def __init__(self, regroup_s: _Optional[float] = ..., copy_s: _Optional[float] = ...) -> None: ...
 
 class CommandAck(_message.Message):
-    __slots__ = ("command_id", "generation", "ok", "error", "phases")
+    __slots__ = ("command_id", "generation", "ok", "error", "phases", "profile_json")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     generation: int
     ok: bool
     error: str
     phases: PhaseTimes
-    def __init__(self, command_id: _Optional[int] = ..., generation: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ...) -> None: ...
+    profile_json: str
+    def __init__(self, command_id: _Optional[int] = ..., generation: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ..., profile_json: _Optional[str] = ...) -> None: ...
 
 class NodeFailure(_message.Message):
     __slots__ = ("reason",)
@@ -178,8 +180,14 @@ class Kill(_message.Message):
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
+class Profile(_message.Message):
+    __slots__ = ("job_spec_yaml",)
+    JOB_SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
+    job_spec_yaml: str
+    def __init__(self, job_spec_yaml: _Optional[str] = ...) -> None: ...
+
 class Command(_message.Message):
-    __slots__ = ("command_id", "generation", "start", "reconfigure", "stop", "drain", "kill")
+    __slots__ = ("command_id", "generation", "start", "reconfigure", "stop", "drain", "kill", "profile")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +195,7 @@ class Command(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     generation: int
     start: Start
@@ -194,7 +203,8 @@ class Command(_message.Message):
     stop: Stop
     drain: Drain
     kill: Kill
-    def __init__(self, command_id: _Optional[int] = ..., generation: _Optional[int] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., kill: _Optional[_Union[Kill, _Mapping]] = ...) -> None: ...
+    profile: Profile
+    def __init__(self, command_id: _Optional[int] = ..., generation: _Optional[int] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., kill: _Optional[_Union[Kill, _Mapping]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ...) -> None: ...
 
 class MasterMessage(_message.Message):
     __slots__ = ("command",)

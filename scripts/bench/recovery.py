@@ -54,7 +54,7 @@ import grpc
 import yaml
 
 from oobleck.cli.follow import PHASES, existing_event_id, last_plan_node
-from oobleck.cli.launch import _admin_channel, _wait_registered, default_profile_cache, ensure_profile, load_spec
+from oobleck.cli.launch import _admin_channel, _wait_registered, load_spec
 from oobleck.cli.local_cluster import LocalCluster, LocalClusterConfig
 from oobleck.protos.v1 import admin_pb2
 
@@ -193,7 +193,6 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     log: EventLog | None = None
     try:
         cluster.start_master()
-        submit_raw, _, _ = ensure_profile(spec, raw, default_profile_cache())
         target = cluster.wait_master()
         cluster.start_agents()
         cluster.wait_agents()
@@ -201,7 +200,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         _wait_registered(stub, args.nodes, 30.0)
         log = EventLog(stub, existing_event_id(stub))
         log.start()
-        stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=yaml.safe_dump(submit_raw, sort_keys=False)))
+        # The master profiles the model on the first node (the spec names no profile).
+        stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=yaml.safe_dump(raw, sort_keys=False)), timeout=600)
         print(f"submitted {spec.name}: {args.nodes} nodes, {spec.steps} steps, work dir {work}", flush=True)
         wait = lambda pred, what: log.wait(pred, what, args.timeout_s, cluster.check_alive)  # noqa: E731
 

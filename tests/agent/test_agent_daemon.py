@@ -123,6 +123,7 @@ def test_register_start_reconfigure_and_bad_commands(master, start_agent):
     assert_all_gone(pids.values(), timeout_s=1)  # acked only after they were reaped
     exited = master.wait_for("worker", lambda w: w.state == EXITED, after=mark, count=2)
     assert {e.msg.pid for e in exited} == set(pids.values())
+    assert [e.msg.exit_code for e in exited] == [0, 0]  # they acted on the stop, no SIGTERM needed
     master.wait_for("heartbeat", after=master.mark(), count=2)
     assert not master.events("failure")
 
@@ -351,3 +352,44 @@ def test_mutual_tls_to_the_master(start_agent, tmp_path):
         assert agent.wait() == 0
     finally:
         secure.stop()
+
+
+PROFILE_SPEC = """\
+name: p
+model: {name: gpt, config: {num_layers: 2, hidden_size: 16, num_heads: 2, vocab_size: 32}}
+data: {seq_len: 8, num_samples: 64}
+global_batch_size: 4
+microbatch_size: 2
+steps: 1
+"""
+
+
+def test_profile_command_runs_the_profiler_and_acks_with_the_profile(master, start_agent):
+    """The master's Profile command: the agent runs the real profiler in a child process and
+    acks with the oobleck-profile/1 document; a bad spec or a failing profiler is a nack with
+    the reason, and the agent goes on serving."""
+    from oobleck.planner import parse_profile
+
+    agent = start_agent(env={"OOBLECK_WORKER_DEVICE": "cpu"})
+    registered(master, agent)
+    mark = master.mark()
+    master.send(agent_pb2.Command(command_id=1, generation=0, profile=agent_pb2.Profile(job_spec_yaml=PROFILE_SPEC)))
+    ack = master.wait_for("ack", lambda a: a.command_id == 1, after=mark, timeout_s=60)[0].msg
+    assert ack.ok, ack.error
+    profile = parse_profile(json.loads(ack.profile_json))
+    assert profile.num_layers == 4  # embeddings, 2 blocks, head
+    assert all(layer.param_bytes > 0 and layer.forward_ms > 0 for layer in profile.layers)
+
+    mark = master.mark()
+    bad = PROFILE_SPEC.replace("name: gpt", "name: nope")
+    master.send(agent_pb2.Command(command_id=2, generation=0, profile=agent_pb2.Profile(job_spec_yaml=bad)))
+    ack = master.wait_for("ack", lambda a: a.command_id == 2, after=mark)[0].msg
+    assert not ack.ok and ack.error.startswith("profile.job_spec_yaml: model.name"), ack.error
+
+    mark = master.mark()  # a spec the parser accepts but the model config rejects: the child fails
+    odd = PROFILE_SPEC.replace("num_heads: 2", "num_heads: 3")
+    master.send(agent_pb2.Command(command_id=3, generation=0, profile=agent_pb2.Profile(job_spec_yaml=odd)))
+    ack = master.wait_for("ack", lambda a: a.command_id == 3, after=mark, timeout_s=60)[0].msg
+    assert not ack.ok and "the profiler exited with 2" in ack.error and "num_heads" in ack.error, ack.error
+    master.wait_for("heartbeat", after=master.mark(), count=2)
+    assert not master.events("failure")

@@ -69,7 +69,7 @@ def test_usage_errors_exit_2(argv, needle, capsys, monkeypatch):
 # -- local runs -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_local_run_completes_with_a_json_summary(tmp_path, launcher):
-    # No profile in the spec: the launcher profiles the model itself (cached under $XDG_CACHE_HOME).
+    # No profile in the spec: the master has it measured on the first node (cached by the master).
     spec = write_spec(tmp_path, steps=40)
     run = launcher("--local", "2", "--config", spec, "--worker-command", FAKE_WORKER_COMMAND)
     rc = run.finish(90)
@@ -80,7 +80,8 @@ def test_local_run_completes_with_a_json_summary(tmp_path, launcher):
     assert summary["final_loss"] == pytest.approx(1 / 40)
     assert any("] step " in line and "/40 loss " in line for line in run.lines)
     submitted = (run.work_dir / "job.yaml").read_text()
-    assert "profile:" in submitted and list((tmp_path / "cache" / "oobleck" / "profiles").glob("profile-*.json"))
+    assert "profile:" not in submitted and list((run.work_dir / "profiles").glob("profile-*.json"))
+    assert any("profiling" in line for line in run.lines)
     assert pids_under(run.work_dir) == set()
     assert oct((run.work_dir / "admin.token").stat().st_mode & 0o777) == "0o600"
 

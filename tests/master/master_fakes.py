@@ -94,6 +94,8 @@ def make_fake_planner(nodes_per_pipeline: int = 1, calls: list | None = None) ->
         return FakeProfile(model=data.get("model", "fake"))
 
     def parse_profile(data):
+        if not isinstance(data, dict) or "model" not in data:
+            raise planner_errors.InvalidInputError(f"profile: expected an object with a model, got {data!r}")
         return FakeProfile(model=data["model"])
 
     return SimpleNamespace(
@@ -170,6 +172,7 @@ class FakeAgent:
     last_generation: int = 0
     commands: list = field(default_factory=list)
     session_error: grpc.StatusCode | None = None
+    profile_reply: str | None = None  # a Profile command's ack carries this; None: nack it
 
     def __post_init__(self) -> None:
         self._channel = aio_channel(self.target, token=self.token, tls=self.tls)
@@ -240,6 +243,11 @@ class FakeAgent:
             ok=ok,
             phases=agent_pb2.PhaseTimes(regroup_s=regroup_s, copy_s=copy_s),
         )
+        if cmd.WhichOneof("body") == "profile":
+            if self.profile_reply is None:
+                ack.ok, ack.error = False, "profile: no profiler on this fake node"
+            else:
+                ack.profile_json = self.profile_reply
         await self._call.write(agent_pb2.AgentMessage(ack=ack))
 
     async def send(self, **body) -> None:

@@ -119,7 +119,6 @@ def test_bad_job_specs_name_the_field_and_the_master_keeps_serving(tmp_path):
             cases = {
                 "model: [unclosed": "malformed YAML",
                 job_spec_yaml(srv.profile).replace("steps: 100", "steps: -3"): "steps: must be >= 1",
-                job_spec_yaml(None): "profile:",
                 job_spec_yaml(str(tmp_path / "missing.json")): "profile: cannot load",
                 "": "job_spec_yaml: must not be empty",
                 job_spec_yaml(srv.profile).replace("name: gpt", "name: gpt9"): "model.name: must be one of",
@@ -570,5 +569,56 @@ def test_a_death_during_a_reconfiguration_supersedes_it_at_once(tmp_path):
             assert len(incomplete) == 1 and "nodes [3] died during it" in incomplete[0].message
             assert srv.master.nodes[2].row.state == "alive" and srv.master.nodes[4].row.state == "alive"
             await close_all([agents[1], agents[3]], channel)
+
+    run(body())
+
+
+def test_spec_without_profile_is_profiled_on_the_first_node_and_cached(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 2)
+            agents[0].profile_reply = json.dumps({"model": "measured"})
+            channel, stub = admin_stub(srv.target)
+            res = await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=10)
+            assert res.generation == 1
+            await wait_until(lambda: agents[0].kinds() == ["profile", "start"] and agents[1].kinds() == ["start"])
+            assert srv.master.ctx.profile.model == "measured"
+            cached = list((tmp_path / "profiles").glob("profile-*.json"))
+            assert len(cached) == 1 and json.loads(cached[0].read_text()) == {"model": "measured"}
+            await stub.CancelJob(admin_pb2.CancelJobRequest(reason="again"), timeout=5)
+            await wait_until(lambda: state_of(srv) == "CANCELLED")
+            await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=10)
+            assert agents[0].kinds().count("profile") == 1  # the second job used the cache
+            log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+            assert [e.kind for e in log].count("profiling") == 1
+            await close_all(agents, channel)
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("reply", "auto_ack", "code", "needle"),
+    [
+        (None, True, grpc.StatusCode.FAILED_PRECONDITION, "profiling on node 1 failed: profile: no profiler"),
+        ("{not json", True, grpc.StatusCode.FAILED_PRECONDITION, "node 1 returned a malformed profile"),
+        ('["a list"]', True, grpc.StatusCode.FAILED_PRECONDITION, "not a valid oobleck-profile/1"),
+        ("{}", False, grpc.StatusCode.DEADLINE_EXCEEDED, "did not finish profiling within 0.5s"),
+    ],
+    ids=["nack", "malformed", "invalid", "timeout"],
+)
+def test_failed_profiling_fails_the_submit_and_the_master_keeps_serving(tmp_path, reply, auto_ack, code, needle):
+    async def body():
+        async with running_master(tmp_path, profile_timeout_s=0.5) as srv:
+            agents = await start_agents(srv, 1, auto_ack=auto_ack)
+            agents[0].profile_reply = reply
+            channel, stub = admin_stub(srv.target)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=10)
+            assert err.value.code() == code and needle in err.value.details(), err.value.details()
+            assert srv.master.job is None and not srv.master.pending
+            assert not list((tmp_path / "profiles").glob("profile-*.json"))
+            status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            assert status.state == admin_pb2.JOB_STATE_NONE
+            await close_all(agents, channel)
 
     run(body())
