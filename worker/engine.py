@@ -195,6 +195,9 @@ class TrainingEngine:
         self._ckpt_orphans: set[threading.Thread] = set()  # background checkpoints reconfigure() left
         self.optimizer: torch.optim.Optimizer | None = None
         self._carried: dict[int, dict[str, torch.Tensor]] | None = None  # see reconfigure()
+        self._voted: dict | None = None  # a step whose vote failed here, gradients kept (see train_step)
+        self._carried_voted: dict | None = None  # ... as carried into a reconfiguration
+        self._last_commit: dict | None = None  # the last committed step and its global squared grad norm
         self._setup(plan, rank, init)
         self._exchange({})
 
@@ -254,13 +257,29 @@ class TrainingEngine:
         """
         t0 = time.perf_counter()
         info = {
-            "layers": {i: sum(t.numel() * t.element_size() for t in st.values()) for i, st in carried.items()},
+            "layers": {
+                i: sum(t.numel() * t.element_size() for k, t in st.items() if not k.startswith("grad."))
+                for i, st in carried.items()
+            },
             "position": self.position.to_dict() if carried else None,
+            "voted": self._carried_voted if carried else None,
+            "commit": self._last_commit if carried else None,
         }
         everyone: list[dict | None] = [None] * self.plan.world_size
         dist.all_gather_object(everyone, info)
         if not any(e["position"] for e in everyone):
             return {"exchange_s": time.perf_counter() - t0}
+        # A step some ranks committed while others lost the end of its vote: those with their
+        # gradients kept apply it now (every rank decides the same for every rank).
+        committed = {e["commit"]["step"]: e["commit"]["sq_total"] for e in everyone if e["commit"]}
+        for r, e in enumerate(everyone):
+            v = e["voted"]
+            if v and v["step"] in committed and e["position"]["step"] == v["step"] - 1:
+                if r == self.rank:
+                    carried = self._roll_forward(carried, committed[v["step"]], e["position"]["step"])
+                    log.warning("rank %d: applied step %d, which peers committed as its vote failed here", r, v["step"])
+                e["position"] = v["after"]
+        carried = {i: {k: t for k, t in st.items() if not k.startswith("grad.")} for i, st in carried.items()}
         chosen = choose_position(everyone, self.model.num_layers)
         if chosen is None:  # a split commit and no position with every layer: restore from a checkpoint
             newest = max((e for e in everyone if e["position"]), key=lambda e: e["position"]["step"])["position"]
@@ -306,6 +325,37 @@ class TrainingEngine:
         self.import_layers(mine)
         return {"exchange_s": time.perf_counter() - t0, "copies": float(len(copies))}
 
+    def _roll_forward(
+        self, carried: Mapping[int, Mapping[str, torch.Tensor]], sq_total: float, step_index: int
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """Apply the update of the step at ``step_index`` (0-based) to carried layer states that
+        hold its gradients (``grad.<name>``), exactly as :meth:`train_step` would have: the same
+        clipping by the global norm ``sqrt(sq_total)``, learning rate and optimizer."""
+        norm = math.sqrt(sq_total)
+        clip = self.spec.optimizer.grad_clip_norm
+        coef = clip / (norm + 1e-6) if clip is not None else 1.0
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, state in carried.items():
+            names = [k.removeprefix("param.") for k in state if k.startswith("param.")]
+            params = {n: nn.Parameter(state[f"param.{n}"].clone()) for n in names}
+            opt = optim.make_optimizer(self.spec.optimizer, params.values())
+            for n, p in params.items():
+                grad = state.get(f"grad.{n}")
+                p.grad = None if grad is None else grad.clone()
+                if p.grad is not None and coef < 1.0:
+                    p.grad.mul_(coef)
+                prefix = f"opt.{n}."
+                optim.import_state(opt, p, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            optim.set_lr(opt, optim.lr_at(self.spec.optimizer, step_index))
+            opt.step()
+            new: dict[str, torch.Tensor] = {}
+            for n, p in params.items():
+                new[f"param.{n}"] = p.detach()
+                for key, value in optim.export_state(opt, p).items():
+                    new[f"opt.{n}.{key}"] = value
+            out[layer] = new
+        return out
+
     def reconfigure(
         self, plan: PlanSpec, rank: int, init: DistInit, *, before_copy: Callable[[], None] | None = None
     ) -> dict[str, float]:
@@ -322,7 +372,8 @@ class TrainingEngine:
         # has already replaced the layers with fresh ones: the retry uses the state exported by
         # the first attempt, kept until one completes.
         if self._carried is None:
-            self._carried = self.export_layers()
+            self._carried = self.export_layers(with_grads=self._voted is not None)
+            self._carried_voted, self._voted = self._voted, None
         carried = self._carried
         if self._ckpt_thread is not None and self._ckpt_thread.is_alive():
             # Rank 0's thread may be waiting for a writer that died: it ends at its own deadline.
@@ -339,8 +390,10 @@ class TrainingEngine:
             phases = self._exchange(carried)
         except LayersLost:
             self._carried = None  # the caller restores every layer from a checkpoint
+            self._carried_voted = None
             raise
         self._carried = None
+        self._carried_voted = None
         return {"export_s": t1 - t0, "regroup_s": t2 - t1, **phases}
 
     def abandon(self) -> None:
@@ -415,6 +468,7 @@ class TrainingEngine:
         start = self.order.step_start(self.position)
         batch, after = self.order.batch(self.position)
         params = self._params()
+        self._voted = None
         error = 0.0
         loss_sum = torch.zeros((), dtype=torch.float64)
         sq = torch.zeros((), dtype=torch.float64)
@@ -449,7 +503,18 @@ class TrainingEngine:
         counts_loss = self.me.is_last
         agreed = torch.stack([sq, loss_sum if counts_loss else torch.zeros((), dtype=torch.float64)])
         agreed = torch.cat([agreed, torch.tensor([error], dtype=torch.float64)]).to(self._comm_device())
-        dist.all_reduce(agreed)
+        try:
+            dist.all_reduce(agreed)
+            if self.fault_hook is not None:
+                self.fault_hook(self.position.step, "voted")
+        except Exception as exc:
+            # The vote did not complete here; it may have on other ranks (a peer died while it
+            # ran). This rank's gradients are complete (every gradient all-reduce finished), so
+            # they are kept: if a peer committed the step, the next reconfiguration applies it
+            # here too (see _roll_forward) instead of losing it.
+            if error == 0.0:
+                self._voted = {"step": after.step, "after": after.to_dict()}
+            raise CommFailed(f"step {self.position.step + 1}: the commit vote failed: {exc}") from exc
         sq_total, loss_total, errors = agreed.cpu().tolist()
         if errors > 0:
             self.optimizer.zero_grad(set_to_none=True)
@@ -466,6 +531,7 @@ class TrainingEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.position = after
+        self._last_commit = {"step": after.step, "sq_total": sq_total}
         return StepResult(
             step=after.step,
             loss=loss_total / self.spec.global_batch_size,
@@ -475,9 +541,12 @@ class TrainingEngine:
 
     # -- layer state ----------------------------------------------------------------------------
 
-    def export_layers(self, indices: Iterable[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    def export_layers(
+        self, indices: Iterable[int] | None = None, *, with_grads: bool = False
+    ) -> dict[int, dict[str, torch.Tensor]]:
         """Parameters (``param.<name>``) and optimizer state (``opt.<name>.<key>``) of held layers,
-        as CPU tensor copies. Default: every held layer."""
+        as CPU tensor copies (and the gradients, ``grad.<name>``, when asked). Default: every
+        held layer."""
         out = {}
         for i in self.me.layer_indices if indices is None else indices:
             if i not in self.layers:
@@ -487,6 +556,8 @@ class TrainingEngine:
                 if f"param.{name}" in state:
                     continue
                 state[f"param.{name}"] = p.detach().to("cpu", copy=True)
+                if with_grads and p.grad is not None:
+                    state[f"grad.{name}"] = p.grad.detach().to("cpu", copy=True)
                 for key, value in optim.export_state(self.optimizer, p).items():
                     state[f"opt.{name}.{key}"] = value
             out[i] = state

@@ -8,6 +8,7 @@ raised with the child's traceback.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import multiprocessing as mp
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from oobleck.worker.engine import DistInit, StepFailed, TrainingEngine
+from oobleck.worker.engine import CommFailed, DistInit, StepFailed, TrainingEngine
 
 _CTX: Any = None
 
@@ -170,13 +171,23 @@ def train_ranks(rank: int, init: DistInit, spec, plan, steps: int, options: dict
         engine.close()
 
 
+def _fail_vote_at(step: int):
+    def hook(at: int, phase: str) -> None:
+        if at == step and phase == "voted":
+            raise RuntimeError("simulated: the commit vote did not complete on this rank")
+
+    return hook
+
+
 def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tuple]) -> dict:
     """A ``run_ranks`` target that lives through several generations (reconfiguration tests).
 
-    ``generations``: ``(plan, steps, {process: rank})``, optionally with a fourth item, the set of
-    processes that do not commit the generation's last step (they restore the state they had
-    before it, as a rank does when a peer dies while the commit vote completes on some ranks
-    only). A process missing from a generation's map
+    ``generations``: ``(plan, steps, {process: rank})``, optionally with a fourth item naming the
+    processes that do not commit the generation's last step, as when a peer dies while the commit
+    vote completes on some ranks only: a set (they restore the state they had before the step:
+    nothing of it survives), or a dict ``{process: "lost" | "voted"}`` where ``"voted"`` makes the
+    vote fail on that rank after every gradient all-reduce (the engine keeps the gradients). A
+    process missing from a generation's map
     leaves (as if its node failed: it closes its engine and does nothing more); a process that
     appears for the first time starts a fresh engine and receives its layers from the others.
     Returns the losses by step and, for processes in the last generation, their parameters.
@@ -188,6 +199,8 @@ def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tupl
     try:
         for g, (plan, steps, ranks, *rest) in enumerate(generations):
             uncommitted = rest[0] if rest else set()
+            if not isinstance(uncommitted, dict):
+                uncommitted = dict.fromkeys(uncommitted, "lost")
             if process not in ranks:
                 if engine is not None:
                     engine.close()
@@ -203,7 +216,14 @@ def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tupl
                 phases.append(engine.reconfigure(plan, ranks[process], gen_init))
             for k in range(steps):
                 step = engine.position.step
-                undo = (engine.export_layers(), engine.position) if k == steps - 1 and process in uncommitted else None
+                mode = uncommitted.get(process) if k == steps - 1 else None
+                if mode == "voted":
+                    engine.fault_hook = _fail_vote_at(step)
+                    with contextlib.suppress(CommFailed):
+                        engine.train_step()
+                    engine.fault_hook = None
+                    continue
+                undo = (engine.export_layers(), engine.position) if mode == "lost" else None
                 losses[step] = engine.train_step().loss
                 if undo is not None:
                     engine.import_layers(undo[0])

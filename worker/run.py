@@ -35,10 +35,13 @@ process (logging, the link, closing). Behaviour:
   :meth:`run` returns 0. ``stop`` returns 0 at once (between steps).
 
 Split commits: the commit vote is one all-reduce, so a peer dying exactly while it completes
-can leave some ranks past the step and others not. The next reconfiguration reconciles them
-(:func:`~oobleck.worker.engine.choose_position`): the newest position at which every layer is
-still carried wins, stale layers are copied again; when no position has every layer the ranks
-report the layers lost and the job restores from its checkpoint.
+can leave some ranks past the step and others not. A rank whose vote failed after all its
+gradient all-reduces keeps its gradients; at the next reconfiguration it applies the step with
+the global gradient norm the committed ranks report (the engine's roll-forward), so nothing is
+redone. Ranks without such gradients fall back on
+:func:`~oobleck.worker.engine.choose_position`: the newest position at which every layer is
+still carried wins and stale layers are copied again; when no position has every layer the
+ranks report the layers lost and the job restores from its checkpoint.
 """
 
 from __future__ import annotations
