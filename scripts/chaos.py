@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -240,12 +241,15 @@ class Drill:
             self.say(f"restarted {names} as nodes {ids}; training held until the master uses them")
 
             def settled(s) -> bool:
-                in_plan = {n for p in s.plan.pipelines for n in p.node_ids}
-                if s.state == admin_pb2.JOB_STATE_RUNNING and set(ids) <= in_plan:
-                    return True
-                return s.state == admin_pb2.JOB_STATE_RUNNING and any(
-                    e.kind == "scale_up_skipped" and e.id not in before for e in self.events()
-                )
+                """Every restarted node is in the plan, or was judged of no use after it joined."""
+                if s.state != admin_pb2.JOB_STATE_RUNNING:
+                    return False
+                placed = {n for p in s.plan.pipelines for n in p.node_ids}
+                for e in self.events():
+                    if e.kind == "scale_up_skipped" and e.id not in before:
+                        found = re.search(r"spares \[([\d, ]*)\]", e.message)
+                        placed |= {int(x) for x in found.group(1).split(",") if x.strip()} if found else set()
+                return set(ids) <= placed
 
             s = self.wait_status(settled, f"nodes {ids} to join the plan")
             self.say(f"generation {s.generation}: {[list(p.node_ids) for p in s.plan.pipelines]}")
