@@ -449,15 +449,21 @@ class TrainingEngine:
         me, spec, cfg = self.me, self.spec, self.model_config
         a, b = lane_range(spec.microbatch_size, len(me.stage_ranks), me.lane)
 
-        @functools.lru_cache(maxsize=2)  # a single-stage rank asks for inputs, then labels
-        def example(m: int) -> tuple[torch.Tensor, torch.Tensor]:
-            idx = self.order.microbatch(batch, me.microbatch_offset + m)[a:b]
-            tokens = self.dataset.tokens(idx)
-            return make_example(tokens, idx, cfg.objective, cfg.vocab_size - 1, spec.data.seed, epoch)
+        @functools.cache  # built on first use (first and last stages only), for the whole step
+        def examples() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+            # One dataset call for all of this lane's microbatches (every row depends only on
+            # its sample), then split per microbatch: the same tensors, less per-call overhead.
+            parts = [self.order.microbatch(batch, me.microbatch_offset + m)[a:b] for m in range(me.microbatches)]
+            idx = [i for part in parts for i in part]
+            inputs, labels = make_example(
+                self.dataset.tokens(idx), idx, cfg.objective, cfg.vocab_size - 1, spec.data.seed, epoch
+            )
+            sizes = [len(part) for part in parts]
+            return inputs.split(sizes), labels.split(sizes)
 
         return StepIO(
-            inputs=lambda m: example(m)[0],
-            labels=lambda m: example(m)[1],
+            inputs=lambda m: examples()[0][m],
+            labels=lambda m: examples()[1][m],
             loss_scale=1.0 / spec.global_batch_size,
         )
 

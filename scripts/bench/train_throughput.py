@@ -114,14 +114,14 @@ def ours(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--microbatch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1, help="alternate ours/torch runs, keep the best of each")
+    parser.add_argument("--repeats", type=int, default=3, help="alternate ours/torch runs, keep the best of each")
     args = parser.parse_args()
     spec = make_spec(args.hidden, args.blocks, args.seq_len, args.global_batch, args.microbatch)
     layers = args.blocks + 2
