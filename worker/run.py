@@ -26,6 +26,12 @@ process (logging, the link, closing). Behaviour:
   the reconfiguration. A failure while reconfiguring is handled the same way (the next
   generation is awaited). A step every rank voted failed (a local error, group intact) is
   retried up to ``step_retries`` times in a row.
+- Known limit: a peer that freezes without dying (a whole node stopped: its sockets stay open)
+  blocks the survivors' transfers with it until the collective timeout
+  (``OOBLECK_COLLECTIVE_TIMEOUT_S``), even once the master has sent the next generation. gloo
+  offers no way out: a point-to-point ``Work.wait(timeout)`` fails the receive itself, aborting a
+  gloo group does not wake a blocked operation, and destroying it waits for that operation. A
+  frozen *worker* is caught by its agent's liveness probe and killed, which unblocks everyone.
 - A reconfiguration that finds layers without any surviving copy (:class:`LayersLost`) is only
   accepted with ``restore_from_checkpoint``: every rank then loads the newest checkpoint that all
   ranks see complete. Without a checkpoint, a job still at step 0 starts fresh; otherwise the
