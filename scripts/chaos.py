@@ -8,6 +8,9 @@ seeded schedule (``--seed``) then:
   moment of the step that is (``LocalCluster.kill_node``: the agent and its workers). Victims
   are drawn only among sets the job can absorb without a checkpoint restore: at least one
   pipeline keeps every node (so every layer keeps a copy) and at least two plan nodes survive;
+- with probability ``--nested-prob`` (when the event killed fewer than ``ft`` nodes), kills one
+  more node as soon as the master has the next generation (a failure during a
+  reconfiguration), again only one whose loss keeps every layer;
 - after each kill, restarts each victim's agent with probability ``--restart-prob`` once the
   master has reconfigured; the agent registers anew, as a spare, and the master scales the plan
   up onto it. While restarted nodes join, training is held between two steps (the workers' drill
@@ -92,6 +95,25 @@ def choose_victims(rng: random.Random, pipelines: list[list[int]], ft: int) -> l
             if intact and len(nodes) - count >= 2:
                 return victims
     return []
+
+
+def choose_during_reconfiguration(
+    rng: random.Random, old: list[list[int]], new: list[list[int]], dead: list[int]
+) -> int | None:
+    """One more node to kill while the master installs ``new`` (after ``dead`` died out of
+    ``old``), or None: survivors may still carry the old generation's layers or the new one's,
+    so a pipeline of each must stay intact, and two plan nodes must remain."""
+    nodes = sorted(n for p in new for n in p)
+    rng.shuffle(nodes)
+    for n in nodes:
+        gone = {*dead, n}
+        if (
+            any(not set(p) & gone for p in old)
+            and any(n not in p for p in new)
+            and len([m for p in new for m in p if m not in gone]) >= 2
+        ):
+            return n
+    return None
 
 
 def kill_steps(rng: random.Random, steps: int, kills: int) -> list[int]:
@@ -196,6 +218,23 @@ class Drill:
             kills += len(victims)
             self.say(f"step {s.step}: killed nodes {victims} ({', '.join(names.values())}) of {pipelines}")
             gen = s.generation
+            if args.ft - len(victims) >= 1 and self.rng.random() < args.nested_prob:
+                s2 = self.wait_status(
+                    lambda s, gen=gen: s.state == admin_pb2.JOB_STATE_SUCCEEDED or s.generation > gen,
+                    "the next generation",
+                )
+                extra = None
+                if s2.state != admin_pb2.JOB_STATE_SUCCEEDED:
+                    new = [list(p.node_ids) for p in s2.plan.pipelines]
+                    extra = choose_during_reconfiguration(self.rng, pipelines, new, victims)
+                if extra is not None:
+                    names[extra] = self.cluster.nodes()[extra].name
+                    self.cluster.kill_node(extra)
+                    kills += 1
+                    state = admin_pb2.JobState.Name(s2.state).removeprefix("JOB_STATE_")
+                    self.say(f"generation {s2.generation} ({state}): killed node {extra} ({names[extra]}) of {new}")
+                    victims.append(extra)
+                    gen = s2.generation
             s = self.wait_status(
                 lambda s, gen=gen: (
                     s.state == admin_pb2.JOB_STATE_SUCCEEDED
@@ -271,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--kills", type=int, default=3, help="kill events (each kills 1..ft nodes)")
     p.add_argument("--restart-prob", type=float, default=0.5, help="chance that a killed node's agent restarts")
+    p.add_argument(
+        "--nested-prob", type=float, default=0.3,
+        help="chance that a kill event with failure budget left kills one more node as the master installs the "
+        "next generation (a failure during a reconfiguration)",
+    )  # fmt: skip
     p.add_argument("--work-dir", default=None, help="default: a temporary directory, removed unless --keep")
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, checkpoints)")
@@ -282,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 2 <= args.nodes <= 32 or not 0 <= args.ft < args.nodes or args.steps < 1 or args.kills < 0:
         print("chaos: need 2 <= --nodes <= 32, 0 <= --ft < --nodes, --steps >= 1, --kills >= 0", file=sys.stderr)
         return 2
-    if not 0.0 <= args.restart_prob <= 1.0:
-        print("chaos: --restart-prob must be in [0, 1]", file=sys.stderr)
+    if not (0.0 <= args.restart_prob <= 1.0 and 0.0 <= args.nested_prob <= 1.0):
+        print("chaos: --restart-prob and --nested-prob must be in [0, 1]", file=sys.stderr)
         return 2
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="oobleck-chaos-")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,10 @@ class AgentLink:
         except queue.Empty:
             return None
 
+    def has_command(self) -> bool:
+        """Whether a command is waiting (never blocks, takes nothing)."""
+        return not self._commands.empty()
+
     def poll_command(self) -> WorkerCommand | None:
         """The next command if one is waiting, else None (never blocks)."""
         try:

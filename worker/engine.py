@@ -82,6 +82,15 @@ def choose_position(everyone: list[dict], num_layers: int) -> dict | None:
     return None
 
 
+ARRIVED_KEY = "oobleck/arrived"
+ARRIVE_POLL_S = 0.05
+STORE_CONNECT_ATTEMPT_S = 1.0
+
+
+class RendezvousAbandoned(RuntimeError):
+    """A generation's rendezvous was given up: a newer command is waiting (it is superseded)."""
+
+
 class StepFailed(RuntimeError):
     """A step failed on some rank; no rank applied its update."""
 
@@ -149,16 +158,39 @@ class DistInit:
             raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
 
 
-def _make_store(init: DistInit, world_size: int, generation: int):
-    """The generation's store; keys are prefixed by the generation so one store can serve several."""
+def _make_store(init: DistInit, world_size: int, generation: int, interrupt: Callable[[], str | None] | None = None):
+    """The generation's store; keys are prefixed by the generation so one store can serve several.
+
+    With ``interrupt``, connecting to a TCPStore is retried in short attempts, asking
+    ``interrupt()`` in between: the agent hosting it may have died with its node, and the master
+    then supersedes the generation (without this, the connection attempt lasts the whole timeout).
+    """
     if init.store is not None:
         store = init.store
     elif init.file is not None:
         store = dist.FileStore(init.file, world_size)
     else:
         timeout = datetime.timedelta(seconds=init.timeout_s)
-        store = dist.TCPStore(init.host, init.port, world_size, is_master=False, timeout=timeout)
+        if interrupt is None:
+            store = dist.TCPStore(init.host, init.port, world_size, is_master=False, timeout=timeout)
+        else:
+            store = _connect_store(init, world_size, interrupt)
+            store.set_timeout(timeout)
     return dist.PrefixStore(f"oobleck/gen{generation}/", store)
+
+
+def _connect_store(init: DistInit, world_size: int, interrupt: Callable[[], str | None]):
+    deadline = time.monotonic() + init.timeout_s
+    attempt = datetime.timedelta(seconds=STORE_CONNECT_ATTEMPT_S)
+    while True:
+        try:
+            return dist.TCPStore(init.host, init.port, world_size, is_master=False, timeout=attempt)
+        except (RuntimeError, TimeoutError) as exc:  # DistStoreError and its kinds are RuntimeErrors
+            why = interrupt()
+            if why:
+                raise RendezvousAbandoned(f"store {init.host}:{init.port} unreachable ({exc}): {why}") from None
+            if time.monotonic() >= deadline:
+                raise
 
 
 class TrainingEngine:
@@ -172,7 +204,11 @@ class TrainingEngine:
         init: DistInit,
         device: str | torch.device = "cpu",
         position: DataPosition | None = None,
+        interrupt: Callable[[], str | None] | None = None,
     ) -> None:
+        #: Asked while waiting for the other ranks of a generation to arrive: a reason (a newer
+        #: command is waiting: this generation is superseded) ends the wait at once.
+        self.interrupt = interrupt
         self.spec = spec
         self.model_config = validate_model_config(spec)
         self.model = ModelDef(self.model_config, spec.seed)
@@ -224,7 +260,9 @@ class TrainingEngine:
         )
         self.optimizer = optim.make_optimizer(spec.optimizer, self._params().values())
         if not dist.is_initialized():
-            store = _make_store(init, plan.world_size, plan.generation)
+            store = _make_store(init, plan.world_size, plan.generation, self.interrupt)
+            if self.interrupt is not None:
+                self._arrive(store, plan.world_size, init.timeout_s)
             kwargs: dict[str, Any] = {}
             if init.backend == "nccl" and init.nccl_options:
                 opts = dist.ProcessGroupNCCL.Options()
@@ -246,6 +284,24 @@ class TrainingEngine:
             raise ValueError(f"plan: world size {plan.world_size}, the process group has {dist.get_world_size()}")
         self.sync = GradSync(self.where, rank, timeout=datetime.timedelta(seconds=init.timeout_s))
         self._build_executor()
+
+    def _arrive(self, store, world_size: int, timeout_s: float) -> None:
+        """Wait until every rank of the generation has arrived at its store, polling: a rank
+        that died before arriving would otherwise keep the others in ``init_process_group``
+        until the timeout, although the master has already superseded the generation (its next
+        command is then waiting, and :attr:`interrupt` says so)."""
+        store.add(ARRIVED_KEY, 1)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            arrived = store.add(ARRIVED_KEY, 0)
+            if arrived >= world_size:
+                return
+            why = self.interrupt()
+            if why:
+                raise RendezvousAbandoned(f"{arrived} of {world_size} ranks arrived: {why}")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"rendezvous: {arrived} of {world_size} ranks arrived within {timeout_s:g}s")
+            time.sleep(ARRIVE_POLL_S)
 
     def _exchange(self, carried: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, float]:
         """Collective: give every rank the state of the layers it holds under the current plan.

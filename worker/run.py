@@ -26,6 +26,10 @@ process (logging, the link, closing). Behaviour:
   the reconfiguration. A failure while reconfiguring is handled the same way (the next
   generation is awaited). A step every rank voted failed (a local error, group intact) is
   retried up to ``step_retries`` times in a row.
+- A generation superseded while its rendezvous runs (a rank, or the agent hosting the store,
+  died before everyone arrived): the worker waits for the other ranks and connects to the
+  store in short polls, and gives up as soon as the agent has a newer command
+  (:class:`~oobleck.worker.engine.RendezvousAbandoned`), instead of at the rendezvous timeout.
 - Known limit: a peer that freezes without dying (a whole node stopped: its sockets stay open)
   blocks the survivors' transfers with it until the collective timeout
   (``OOBLECK_COLLECTIVE_TIMEOUT_S``), even once the master has sent the next generation. gloo
@@ -197,6 +201,11 @@ class Worker:
         while self._held("copy", f"before the layer copy of generation {self.generation}"):
             time.sleep(HOLD_POLL_S)
 
+    def _superseded(self) -> str | None:
+        """Why a generation's rendezvous in progress should be given up: the agent already has a
+        newer command (a rank died before arriving; the master moved on)."""
+        return "the agent has a newer command waiting" if self.link.has_command() else None
+
     def _who(self) -> str:
         rank = "-" if self.rank is None else self.rank
         return f"node {self.node_id} slot {self.slot} rank {rank} gen {self.generation}"
@@ -308,7 +317,7 @@ class Worker:
         init = dist_init_from_proto(cmd.plan, self.backend, self.settings.collective_timeout_s)
         t0 = time.perf_counter()
         try:
-            self.engine = TrainingEngine(self.spec, plan, rank, init, device=self.device)
+            self.engine = TrainingEngine(self.spec, plan, rank, init, device=self.device, interrupt=self._superseded)
         except LayersLost as exc:
             raise WorkerError(f"generation {cmd.generation}: a new process cannot restore lost layers: {exc}") from exc
         except RuntimeError as exc:

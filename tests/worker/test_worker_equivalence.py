@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -236,3 +238,62 @@ def test_split_vote_is_rolled_forward_by_ranks_that_kept_their_gradients(voted: 
         assert sorted(losses) == ran, (process, losses)
         assert [losses[s] for s in ran] == pytest.approx([ref_losses[s] for s in ran], rel=1e-5)
     assert_params_match(spec, results[:3], steps=4)
+
+
+def test_rendezvous_gives_up_when_the_generation_is_superseded() -> None:
+    """Rank 0 of a 2-rank generation whose rank 1 never arrives (it died first): while nothing
+    else is waiting it keeps waiting; once a newer command is (``interrupt`` says so) it gives
+    up at once instead of at the rendezvous timeout, and a later generation can be joined."""
+    import time
+
+    from oobleck.worker.engine import RendezvousAbandoned
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    spec = tiny_spec("gpt")
+    asked: list[float] = []
+    t0 = time.monotonic()
+
+    def interrupt() -> str | None:
+        asked.append(time.monotonic() - t0)
+        return "a newer command is waiting" if len(asked) > 5 else None
+
+    init = DistInit(host="127.0.0.1", port=store.port, timeout_s=60)
+    with pytest.raises(RendezvousAbandoned, match="1 of 2 ranks arrived: a newer command is waiting"):
+        TrainingEngine(spec, simple_plan([[4], [4]], [4, 4]), 0, init, interrupt=interrupt)
+    assert len(asked) == 6 and asked[-1] - asked[0] >= 0.2 and time.monotonic() - t0 < 10  # polled, then gave up
+    assert not dist.is_initialized()
+    plan = dataclasses.replace(simple_plan([[4]], [8]), generation=2)
+    engine = TrainingEngine(spec, plan, 0, init, interrupt=lambda: None)  # the next generation: alone
+    try:
+        assert engine.train_step().step == 1
+    finally:
+        engine.close()
+
+
+def test_unreachable_rendezvous_store_is_given_up_when_superseded() -> None:
+    """The agent hosting the generation's store died with its node: connecting is retried in
+    short attempts and given up once a newer command is waiting."""
+    import socket
+    import time
+
+    from oobleck.worker.engine import RendezvousAbandoned
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    asked: list[int] = []
+
+    def interrupt() -> str | None:
+        asked.append(1)
+        return "a newer command is waiting" if len(asked) >= 2 else None
+
+    t0 = time.monotonic()
+    with pytest.raises(RendezvousAbandoned, match=f"store 127.0.0.1:{port} unreachable"):
+        TrainingEngine(
+            tiny_spec("gpt"),
+            simple_plan([[4]], [8]),
+            0,
+            DistInit(host="127.0.0.1", port=port, timeout_s=60),
+            interrupt=interrupt,
+        )
+    assert len(asked) == 2 and time.monotonic() - t0 < 20
