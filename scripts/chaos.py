@@ -38,11 +38,13 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import torch
 
 from oobleck.cli.launch import _admin_channel, _wait_registered
@@ -193,7 +195,10 @@ class Drill:
         self.channel, self.stub = _admin_channel(target, str(self.cluster.admin_token_file))
         _wait_registered(self.stub, args.nodes, 60)
         # No `profile:` in the spec: the master has the model profiled on the first node.
-        self.stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec.to_yaml()), timeout=600)
+        try:
+            self.stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec.to_yaml()), timeout=600)
+        except grpc.RpcError as exc:
+            raise ChaosError(f"the master rejected the job: {exc.details()}") from None
         self.say(f"job submitted: {args.steps} steps, ft={args.ft}, {args.nodes} nodes")
         kills = restarts = 0
         for at in kill_steps(self.rng, args.steps, args.kills):
@@ -280,7 +285,10 @@ class Drill:
             self.say(f"restarted {names} as nodes {ids}; training held until the master uses them")
 
             def settled(s) -> bool:
-                """Every restarted node is in the plan, or was judged of no use after it joined."""
+                """Every restarted node is in the plan, or was judged of no use after it joined
+                (or the job is over: the last steps ran before the hold took effect)."""
+                if s.state == admin_pb2.JOB_STATE_SUCCEEDED:
+                    return True
                 if s.state != admin_pb2.JOB_STATE_RUNNING:
                     return False
                 placed = {n for p in s.plan.pipelines for n in p.node_ids}
@@ -321,8 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(Exception):
+    """SIGTERM: unwind so that the cluster is stopped on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if not 2 <= args.nodes <= 32 or not 0 <= args.ft < args.nodes or args.steps < 1 or args.kills < 0:
         print("chaos: need 2 <= --nodes <= 32, 0 <= --ft < --nodes, --steps >= 1, --kills >= 0", file=sys.stderr)
         return 2
@@ -334,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     drill = Drill(args, work)
     try:
         result = drill.run()
+    except Terminated:
+        print(f"chaos: terminated (logs under {work})", file=sys.stderr)
+        args.keep = True
+        return 143
     except (ChaosError, ClusterError) as exc:
         print(f"chaos: {exc} (logs under {work})", file=sys.stderr)
         args.keep = True

@@ -73,3 +73,40 @@ def test_small_seeded_drill_ends_equal_to_the_reference(tmp_path) -> None:
     assert result["kills"] >= 2 and result["restarts"] == result["kills"], result
     assert result["scale_ups"] >= 1 and result["generations"] >= 3, result
     assert processes_under(work) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_impossible_drill_is_a_one_line_error(tmp_path) -> None:
+    work = tmp_path / "chaos"
+    argv = [sys.executable, str(SCRIPT), "--seed", "1", "--nodes", "3", "--ft", "1", "--steps", "10", "--kills", "0",
+            "--work-dir", str(work)]  # fmt: skip
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "the master rejected the job" in res.stderr and "too few nodes for ft" in res.stderr, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["ok"] is False
+    assert processes_under(work) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sigterm_stops_the_drill_and_its_cluster(tmp_path) -> None:
+    work = tmp_path / "chaos"
+    argv = [sys.executable, str(SCRIPT), "--seed", "1", "--nodes", "4", "--ft", "1", "--steps", "100000",
+            "--kills", "0", "--work-dir", str(work)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # ends at EOF if the drill dies first
+            if "job submitted" in line:
+                break
+        assert processes_under(work), "the drill's cluster is not running"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_under(work):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 143 and "chaos: terminated" in out, out[-2000:]
+    assert processes_under(work) == {}
