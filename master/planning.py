@@ -230,28 +230,9 @@ def next_layout(
         cluster=ctx.cluster,
         microbatches=ctx.microbatches,
     )
-    new_pipes = [tuple(p.nodes) for p in rec.pipelines]
-    ranks = dict(rec.ranks) if rec.ranks else assign_ranks(new_pipes, {n: nodes[n].slots for n in nodes})
-    used = {n for p in new_pipes for n in p}
-    plan = to_plan_proto(
-        generation=generation,
-        templates=ctx.templates,
-        pipelines=rec.pipelines,
-        ranks={n: r for n, r in ranks.items() if n in used},
-        copies=rec.copies,
-        nodes=nodes,
-        resume_step=resume_step,
-        restore_from_checkpoint=bool(rec.restore_layers),
-    )
+    used = {n for p in rec.pipelines for n in p.nodes}
     spares = tuple(n for p in pipelines for n in p if n not in used and n not in set(lost))
-    return PlannedLayout(
-        pipelines=tuple(new_pipes),
-        microbatches=tuple(p.microbatches for p in rec.pipelines),
-        spares=spares,
-        plan=plan,
-        copy_ms=float(rec.copy_ms),
-        reason=rec.reason,
-    )
+    return _from_reconfiguration(rec, ctx, nodes, spares, generation=generation, resume_step=resume_step)
 
 
 def grow_layout(
@@ -273,21 +254,31 @@ def grow_layout(
         cluster=ctx.cluster,
         microbatches=ctx.microbatches,
     )
+    return _from_reconfiguration(rec, ctx, nodes, tuple(rec.spares), generation=generation, resume_step=resume_step)
+
+
+def _from_reconfiguration(
+    rec: Any, ctx: PlanContext, nodes: Mapping[int, NodeInfo], spares: tuple[int, ...], *, generation: int,
+    resume_step: int,
+) -> PlannedLayout:  # fmt: skip
+    """A planner ``Reconfiguration`` (after failures, or a scale-up) as the master keeps it."""
     new_pipes = [tuple(p.nodes) for p in rec.pipelines]
+    used = {n for p in new_pipes for n in p}
+    ranks = dict(rec.ranks) if rec.ranks else assign_ranks(new_pipes, {n: nodes[n].slots for n in used})
     plan = to_plan_proto(
         generation=generation,
         templates=ctx.templates,
         pipelines=rec.pipelines,
-        ranks=dict(rec.ranks),
+        ranks={n: r for n, r in ranks.items() if n in used},
         copies=rec.copies,
         nodes=nodes,
         resume_step=resume_step,
-        restore_from_checkpoint=False,
+        restore_from_checkpoint=bool(rec.restore_layers),
     )
     return PlannedLayout(
         pipelines=tuple(new_pipes),
         microbatches=tuple(p.microbatches for p in rec.pipelines),
-        spares=tuple(rec.spares),
+        spares=spares,
         plan=plan,
         copy_ms=float(rec.copy_ms),
         reason=rec.reason,
