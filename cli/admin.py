@@ -23,8 +23,8 @@ class CliError(Exception):
     pass
 
 
-def _connection_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("connection")
+def add_master_flags(g) -> None:
+    """The flags that reach a running master's AdminService (``oobleckctl``, ``oobleck-launch``)."""
     g.add_argument("--master", metavar="HOST:PORT", help=f"master gRPC address (default: ${ENV_MASTER})")
     g.add_argument("--token-file", metavar="PATH", help=f"admin token file (default: ${ENV_ADMIN_TOKEN_FILE})")
     g.add_argument("--tls-ca-file", metavar="PATH", help="CA that signed the master's certificate (enables TLS)")
@@ -32,6 +32,26 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key-file", metavar="PATH", help="client key (mTLS)")
     g.add_argument("--tls-server-name", metavar="NAME", help="expected name in the master's certificate")
     g.add_argument("--allow-insecure", action="store_true", help="allow plaintext to a non-loopback master")
+
+
+def admin_channel(target: str, token_file: str, args: argparse.Namespace | None = None):
+    """``(channel, AdminServiceStub)`` for ``target`` with the admin token in ``token_file``; TLS
+    and ``--allow-insecure`` from the flags of :func:`add_master_flags` when ``args`` is given."""
+    from oobleck.common.auth import read_token_file
+    from oobleck.common.tls import ClientTls, sync_channel
+    from oobleck.protos.v1 import admin_pb2_grpc
+
+    tls = None
+    if args is not None and (args.tls_ca_file or args.tls_cert_file):
+        tls = ClientTls(args.tls_ca_file, args.tls_cert_file, args.tls_key_file, args.tls_server_name)
+    allow_insecure = bool(args is not None and args.allow_insecure)
+    channel = sync_channel(target, token=read_token_file(token_file), tls=tls, allow_insecure=allow_insecure)
+    return channel, admin_pb2_grpc.AdminServiceStub(channel)
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    add_master_flags(g)
     g.add_argument("--timeout-s", type=float, default=10.0, metavar="S", help="per-call deadline (default 10)")
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -61,22 +81,13 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _stub(args):
-    from oobleck.common.auth import read_token_file
-    from oobleck.common.tls import ClientTls, sync_channel
-    from oobleck.protos.v1 import admin_pb2_grpc
-
     target = args.master or os.environ.get(ENV_MASTER)
     if not target:
         raise CliError(f"--master: required (or set ${ENV_MASTER})")
     token_file = args.token_file or os.environ.get(ENV_ADMIN_TOKEN_FILE)
     if not token_file:
         raise CliError(f"--token-file: required (or set ${ENV_ADMIN_TOKEN_FILE})")
-    token = read_token_file(token_file)
-    tls = None
-    if args.tls_ca_file or args.tls_cert_file:
-        tls = ClientTls(args.tls_ca_file, args.tls_cert_file, args.tls_key_file, args.tls_server_name)
-    channel = sync_channel(target, token=token, tls=tls, allow_insecure=args.allow_insecure)
-    return channel, admin_pb2_grpc.AdminServiceStub(channel)
+    return admin_channel(target, token_file, args)
 
 
 def _to_dict(msg) -> dict[str, Any]:

@@ -90,6 +90,54 @@ class FaultPlan:
     record: dict[str, Any] | None = None
 
 
+class EventStream:
+    """A thread that watches the master's events (step events included) from ``since_id`` on and
+    hands each to ``on_event``; a broken stream is watched again from the last event seen, every
+    ``retry_s``. :meth:`stop` cancels the call in flight and joins the thread."""
+
+    def __init__(
+        self, stub, since_id: int, on_event: Callable[[admin_pb2.Event], None], *, retry_s: float = 0.5
+    ) -> None:
+        self.stub = stub
+        self.since_id = since_id
+        self.on_event = on_event
+        self.retry_s = retry_s
+        self._done = threading.Event()
+        self._call = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="watch-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        since = self.since_id
+        while not self._done.is_set():
+            call = self.stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=since, follow=True, include_steps=True))
+            with self._lock:
+                self._call = call
+            if self._done.is_set():
+                call.cancel()
+                return
+            try:
+                for ev in call:
+                    since = max(since, ev.id)  # step events carry id 0
+                    self.on_event(ev)
+            except grpc.RpcError as exc:
+                if self._done.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                log.debug("event stream ended (%s); watching again from event %d", exc.code(), since)
+            self._done.wait(self.retry_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._done.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+        if self._thread.ident is not None:
+            self._thread.join(timeout=timeout_s)
+
+
 class Follower:
     def __init__(
         self,
@@ -122,44 +170,13 @@ class Follower:
         self._last_step = -1
         self._final_event: str | None = None
         self._events: queue.Queue = queue.Queue()
-        self._done = threading.Event()
-        self._call = None
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._stream: EventStream | None = None
 
     # -- output ----------------------------------------------------------------------------------
     def emit(self, text: str, record: dict[str, Any]) -> None:
         stamp = f"[{time.monotonic() - self.t0:7.2f}s]"
         line = json.dumps(record, sort_keys=True) if self.json_lines else f"{stamp} {text}"
         print(line, file=self.out, flush=True)
-
-    # -- events thread ---------------------------------------------------------------------------
-    def _watch(self) -> None:
-        since = self.since_id
-        while not self._done.is_set():
-            call = self.stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=since, follow=True, include_steps=True))
-            with self._lock:
-                self._call = call
-            if self._done.is_set():
-                call.cancel()
-                return
-            try:
-                for ev in call:
-                    since = max(since, ev.id)
-                    self._events.put(ev)
-            except grpc.RpcError as exc:
-                if self._done.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
-                    return
-                log.debug("event stream ended (%s); watching again from event %d", exc.code(), since)
-            self._done.wait(0.5)
-
-    def _stop_watch(self) -> None:
-        self._done.set()
-        with self._lock:
-            if self._call is not None:
-                self._call.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     # -- handlers ---------------------------------------------------------------------------------
     def _step_line(self, step: int, loss: float, samples_per_s: float, generation: int) -> None:
@@ -258,8 +275,8 @@ class Follower:
 
     def run(self) -> admin_pb2.GetStatusResponse:
         """Follow until the job is in a terminal state; returns the last status."""
-        self._thread = threading.Thread(target=self._watch, name="watch-events", daemon=True)
-        self._thread.start()
+        self._stream = EventStream(self.stub, self.since_id, self._events.put)
+        self._stream.start()
         try:
             next_poll = time.monotonic()
             last_ok = time.monotonic()
@@ -281,7 +298,7 @@ class Follower:
                     self._drain_final_events()
                     return self.status
         finally:
-            self._stop_watch()
+            self._stream.stop()
 
     def _drain_final_events(self, grace_s: float = 1.0) -> None:
         """Print the events that were in flight when the terminal state was seen."""

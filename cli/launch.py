@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from oobleck.cli.admin import ENV_ADMIN_TOKEN_FILE, ENV_MASTER, add_master_flags, admin_channel
 from oobleck.common.cli import base_parser
 from oobleck.common.logs import setup_logging
 from oobleck.common.validate import ConfigError
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_USAGE = 2
-ENV_MASTER = "OOBLECK_MASTER"
-ENV_ADMIN_TOKEN_FILE = "OOBLECK_ADMIN_TOKEN_FILE"
 SUBMIT_TIMEOUT_S = 900.0  # > the master's default profile_timeout_s
 
 DESCRIPTION = """\
@@ -87,13 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker-command", metavar="CMD", default="", help='worker command line (default: "python -m oobleck.worker")'
     )
     remote = p.add_argument_group("running master")
-    remote.add_argument("--master", metavar="HOST:PORT", help=f"master gRPC address (default: ${ENV_MASTER})")
-    remote.add_argument("--token-file", metavar="PATH", help=f"admin token file (default: ${ENV_ADMIN_TOKEN_FILE})")
-    remote.add_argument("--tls-ca-file", metavar="PATH", help="CA that signed the master's certificate (enables TLS)")
-    remote.add_argument("--tls-cert-file", metavar="PATH", help="client certificate (mTLS)")
-    remote.add_argument("--tls-key-file", metavar="PATH", help="client key (mTLS)")
-    remote.add_argument("--tls-server-name", metavar="NAME", help="expected name in the master's certificate")
-    remote.add_argument("--allow-insecure", action="store_true", help="allow plaintext to a non-loopback master")
+    add_master_flags(remote)
     g = p.add_argument_group("following and faults")
     g.add_argument("--kill-node-at-step", type=int, metavar="K", help="kill one node once step >= K")
     g.add_argument("--kill-node", type=int, metavar="ID", help="node id to kill (default: last node of the plan)")
@@ -166,19 +159,6 @@ def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
 
 
-def _admin_channel(target: str, token_file: str, args: argparse.Namespace | None = None):
-    from oobleck.common.auth import read_token_file
-    from oobleck.common.tls import ClientTls, sync_channel
-    from oobleck.protos.v1 import admin_pb2_grpc
-
-    tls = None
-    if args is not None and (args.tls_ca_file or args.tls_cert_file):
-        tls = ClientTls(args.tls_ca_file, args.tls_cert_file, args.tls_key_file, args.tls_server_name)
-    allow_insecure = bool(args and args.allow_insecure)
-    channel = sync_channel(target, token=read_token_file(token_file), tls=tls, allow_insecure=allow_insecure)
-    return channel, admin_pb2_grpc.AdminServiceStub(channel)
-
-
 def _wait_registered(stub, count: int, timeout_s: float) -> None:
     from oobleck.protos.v1 import admin_pb2
 
@@ -236,11 +216,11 @@ class Launch:
             target = self.cluster.wait_master()
             self.cluster.start_agents()
             self.cluster.wait_agents()
-            self.channel, stub = _admin_channel(target, str(self.cluster.admin_token_file))
+            self.channel, stub = admin_channel(target, str(self.cluster.admin_token_file))
             _wait_registered(stub, args.local, 30.0)
             self._print(f"master {target} (http {self.cluster.http_port}); {args.local} agents registered")
         else:
-            self.channel, stub = _admin_channel(args.master, args.token_file, args)
+            self.channel, stub = admin_channel(args.master, args.token_file, args)
         if spec.profile is None:
             self._print("profile: measured by the master on the first node (or taken from its cache)")
         return self._submit_and_follow(stub, yaml.safe_dump(raw, sort_keys=False), spec)

@@ -47,7 +47,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from oobleck.cli.launch import _admin_channel, _wait_registered
+from oobleck.cli.admin import admin_channel
+from oobleck.cli.launch import _wait_registered
 from oobleck.cli.local_cluster import ClusterError, LocalCluster, LocalClusterConfig
 from oobleck.common.jobspec import CheckpointSpec, DataSpec, JobSpec, ModelSpec, OptimizerSpec
 from oobleck.protos.v1 import admin_pb2
@@ -192,7 +193,7 @@ class Drill:
         target = self.cluster.wait_master()
         self.cluster.start_agents()
         self.cluster.wait_agents()
-        self.channel, self.stub = _admin_channel(target, str(self.cluster.admin_token_file))
+        self.channel, self.stub = admin_channel(target, str(self.cluster.admin_token_file))
         _wait_registered(self.stub, args.nodes, 60)
         # No `profile:` in the spec: the master has the model profiled on the first node.
         try:

@@ -50,11 +50,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import yaml
 
-from oobleck.cli.follow import PHASES, existing_event_id, last_plan_node
-from oobleck.cli.launch import _admin_channel, _wait_registered, load_spec
+from oobleck.cli.admin import admin_channel
+from oobleck.cli.follow import PHASES, EventStream, existing_event_id, last_plan_node
+from oobleck.cli.launch import _wait_registered, load_spec
 from oobleck.cli.local_cluster import LocalCluster, LocalClusterConfig
 from oobleck.protos.v1 import admin_pb2
 
@@ -78,43 +78,20 @@ class EventLog:
     """Every master event (step events included) from ``since_id`` on, read on a thread."""
 
     def __init__(self, stub, since_id: int) -> None:
-        self.stub = stub
-        self.since = since_id
         self.events: list[Seen] = []
         self._cond = threading.Condition()
-        self._done = threading.Event()
-        self._call = None
-        self._thread = threading.Thread(target=self._run, name="events", daemon=True)
+        self._stream = EventStream(stub, since_id, self._append, retry_s=0.2)
 
     def start(self) -> None:
-        self._thread.start()
+        self._stream.start()
 
-    def _run(self) -> None:
-        while not self._done.is_set():
-            call = self.stub.WatchEvents(
-                admin_pb2.WatchEventsRequest(since_id=self.since, follow=True, include_steps=True)
-            )
-            self._call = call
-            if self._done.is_set():
-                call.cancel()
-                return
-            try:
-                for ev in call:
-                    if ev.id:
-                        self.since = max(self.since, ev.id)
-                    with self._cond:
-                        self.events.append(Seen(ev.unix_time_s or time.time(), ev))
-                        self._cond.notify_all()
-            except grpc.RpcError as exc:
-                if self._done.is_set() or exc.code() == grpc.StatusCode.CANCELLED:
-                    return
-            self._done.wait(0.2)
+    def _append(self, ev: admin_pb2.Event) -> None:
+        with self._cond:
+            self.events.append(Seen(ev.unix_time_s or time.time(), ev))
+            self._cond.notify_all()
 
     def stop(self) -> None:
-        self._done.set()
-        if self._call is not None:
-            self._call.cancel()
-        self._thread.join(timeout=5)
+        self._stream.stop()
 
     def wait(self, pred: Callable[[admin_pb2.Event], bool], what: str, timeout_s: float, check=None) -> Seen:
         """The first event (oldest first) matching ``pred``; BenchError at the deadline."""
@@ -196,7 +173,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         target = cluster.wait_master()
         cluster.start_agents()
         cluster.wait_agents()
-        channel, stub = _admin_channel(target, str(cluster.admin_token_file))
+        channel, stub = admin_channel(target, str(cluster.admin_token_file))
         _wait_registered(stub, args.nodes, 30.0)
         log = EventLog(stub, existing_event_id(stub))
         log.start()
