@@ -38,7 +38,8 @@ class AgentConfig:
     tls_key_file: str | None = None
     allow_insecure: bool = False
     liveness_timeout_s: float = 5.0
-    startup_timeout_s: float = 120.0  # a worker's first heartbeat may take this long
+    startup_timeout_s: float = 120.0  # a new worker may take this long to be ready (import, join, restore)
+    leave_timeout_s: float = 30.0  # SIGTERM: how long to wait for the master to drain this node
     stop_timeout_s: float = 10.0  # SIGTERM -> this deadline -> SIGKILL
     stop_grace_s: float = 2.0  # a Stop command: time for workers to exit on their own before SIGTERM
     profile_timeout_s: float = 600.0  # the master's Profile command: longest profiling run
@@ -95,6 +96,7 @@ class AgentConfig:
         v.number(self.startup_timeout_s, "startup_timeout_s", min_value=0.05, max_value=24 * 3600)
         v.number(self.stop_timeout_s, "stop_timeout_s", min_value=0.0, max_value=3600)
         v.number(self.stop_grace_s, "stop_grace_s", min_value=0.0, max_value=3600)
+        v.number(self.leave_timeout_s, "leave_timeout_s", min_value=0.0, max_value=24 * 3600)
         v.number(self.profile_timeout_s, "profile_timeout_s", min_value=0.0, exclusive_min=True)
         v.number(self.probe_interval_s, "probe_interval_s", min_value=0.01, max_value=60)
         if self.probe_interval_s > self.liveness_timeout_s:
@@ -135,7 +137,10 @@ _HELP = {
     "tls_key_file": "client key for mTLS",
     "allow_insecure": "allow plaintext to a non-loopback master",
     "liveness_timeout_s": "a worker whose heartbeat is silent this long is hung (default 5)",
-    "startup_timeout_s": "time a new worker has to send its first heartbeat (default 120)",
+    "startup_timeout_s": "time a new worker has to get ready (start, join, restore) before its heartbeat "
+    "counts (default 120)",
+    "leave_timeout_s": "on SIGTERM (a pre-emption notice), how long to wait for the master to drain this node "
+    "before stopping its workers anyway; 0 stops at once (default 30)",
     "stop_timeout_s": "SIGTERM to SIGKILL deadline when stopping workers (default 10)",
     "stop_grace_s": "on a Stop command, time for workers to exit on their own before SIGTERM (default 2)",
     "profile_timeout_s": "longest profiling run for the master's Profile command (default 600)",

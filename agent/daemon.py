@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime
 import json
 import logging
@@ -67,6 +68,8 @@ STABLE_SESSION_S = 5.0  # a session that lasted this long resets the reconnectio
 MAX_REMEMBERED_ACKS = 1024
 MAX_OUTBOX = 10_000  # droppable reports are dropped beyond this many queued messages
 STORE_TIMEOUT_S = 300.0
+LEAVE_POLL_S = 0.1  # while leaving: how often the agent looks whether its workers are out of the plan
+LEAVE_FLUSH_S = 1.0  # ... and how long it waits for its last messages to reach the master
 # Register errors that retrying cannot fix: the agent exits (systemd shows why).
 FATAL_CODES = frozenset(
     {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT}
@@ -105,15 +108,20 @@ class Worker:
     attached: bool = False
     stopping: bool = False  # its exit is expected: not a failure
     exit_reported: bool = False
+    ready: bool = False  # reported ready for a generation: its start-up allowance is over
 
 
 @dataclass
 class PendingReconfigure:
+    """A Start or Reconfigure command acked once every worker reported ready for its generation
+    (an ack means "ready to train", not "spawned")."""
+
     command_id: int
     generation: int
     waiting: set[int]
     regroup_s: float = 0.0
     copy_s: float = 0.0
+    step: int | None = None  # the position the workers are ready at (after any restore)
 
 
 def _create_store() -> tuple[object, int]:
@@ -194,6 +202,8 @@ class Agent:
         self.socket_path = Path()
         self._owned_dirs: list[Path] = []
         self._stop_requested: asyncio.Event | None = None
+        self._leaving = False  # SIGTERM received: no new start is accepted
+        self._last_step: agent_pb2.StepReport | None = None  # re-sent at every (re)attach
         self._background: set[asyncio.Task] = set()
 
     # -- top level -------------------------------------------------------------------------
@@ -251,9 +261,42 @@ class Agent:
         kill_processes_now([w.proc for w in self._workers.values()])
 
     async def _wait_for_stop(self) -> None:
+        """The first SIGTERM / SIGINT while this node trains is a pre-emption or maintenance
+        notice: the agent tells the master it is leaving (the master drains it at a step
+        boundary, so no step is lost) and exits once its workers are out of the plan, or after
+        ``leave_timeout_s``. A second signal, or a node without workers, exits at once."""
         assert self._stop_requested is not None
         await self._stop_requested.wait()
+        self._stop_requested.clear()
+        if self._training() and self.config.leave_timeout_s > 0:
+            self._leaving = True
+            wait_s = self.config.leave_timeout_s
+            log.warning(
+                "node %d: SIGTERM: leaving; asking the master to drain this node (up to %gs)", self.node_id, wait_s
+            )
+            notice = agent_pb2.Leaving(reason="agent received SIGTERM (pre-emption or maintenance)", deadline_s=wait_s)
+            self._send(agent_pb2.AgentMessage(leaving=notice))
+            deadline = time.monotonic() + wait_s
+            # Until the master's drain (or a plan without this node) has stopped the workers.
+            while self._workers and not self._stop_requested.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), LEAVE_POLL_S)
+            if self._workers:
+                log.warning("node %d: not drained within %gs: stopping the workers", self.node_id, wait_s)
+            else:
+                log.info("node %d: drained: leaving", self.node_id)
+                await self._flush(LEAVE_FLUSH_S)  # the drain's ack
         raise ShutdownRequested()
+
+    async def _flush(self, timeout_s: float) -> None:
+        """Wait (briefly) until every queued message has been written to the master."""
+        deadline = time.monotonic() + timeout_s
+        while (self._unsent or not self._outbox.empty()) and self._connected and time.monotonic() < deadline:
+            await asyncio.sleep(LEAVE_POLL_S / 5)
+
+    def _training(self) -> bool:
+        """Some worker of this node runs (is not being stopped)."""
+        return any(not w.stopping for w in self._workers.values())
 
     def _prepare_dirs(self) -> None:
         if self.config.work_dir:
@@ -331,6 +374,7 @@ class Agent:
             log.warning("master gave node id %d (was %d): joining as a spare", response.node_id, self.node_id)
             self._drop_queued_messages()
             self._pending = None
+            self._last_step = None
             old = list(self._workers.values())
             self._run_in_background(
                 self._stop_workers(f"node id changed from {self.node_id} to {response.node_id}", only=old)
@@ -367,6 +411,8 @@ class Agent:
                 last_command_id=self._last_command_id,
             )
             await call.write(agent_pb2.AgentMessage(hello=hello))
+            if self._last_step is not None:
+                await call.write(agent_pb2.AgentMessage(step=self._last_step))
             self._connected = True
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -412,9 +458,23 @@ class Agent:
             return
         self._outbox.put_nowait(message)
 
-    def _ack(self, command_id: int, generation: int, *, error: str = "", phases=None, profile_json: str = "") -> None:
+    def _ack(
+        self,
+        command_id: int,
+        generation: int,
+        *,
+        error: str = "",
+        phases=None,
+        profile_json: str = "",
+        step: int | None = None,
+    ) -> None:
         ack = agent_pb2.CommandAck(
-            command_id=command_id, generation=generation, ok=not error, error=error, profile_json=profile_json
+            command_id=command_id,
+            generation=generation,
+            ok=not error,
+            error=error,
+            profile_json=profile_json,
+            step=step,
         )
         if phases is not None:
             ack.phases.CopyFrom(phases)
@@ -532,6 +592,8 @@ class Agent:
         return mine
 
     async def _apply_start(self, cid: int, generation: int, start: agent_pb2.Start) -> None:
+        if self._leaving:
+            raise CommandError("start: this node is leaving (its agent received SIGTERM)")
         mine = self._check_plan("start", generation, start.plan, start.HasField("plan"))
         if mine is None:
             raise CommandError(f"start.plan.ranks: node {self.node_id} is not in the plan")
@@ -557,8 +619,9 @@ class Agent:
             except OSError as exc:
                 await self._stop_workers_locked("start failed", kill_now=True)
                 raise CommandError(f"worker_command: cannot start {self.config.worker_argv[0]!r}: {exc}") from None
+            # Acked when every worker reports ready (joined, layers copied or restored).
+            self._pending = PendingReconfigure(cid, generation, waiting=set(self._workers))
         log.info("node %d: generation %d: started %d workers (ranks %s)", self.node_id, generation, len(mine), mine)
-        self._ack(cid, generation)
 
     def _spawn(self, slot: int, first: worker_pb2.WorkerCommand) -> None:
         env = dict(os.environ)
@@ -647,7 +710,7 @@ class Agent:
                 exit_code = worker.proc.poll()
                 # /proc is a pseudo file system (no disk I/O): read on the loop.
                 proc_state = read_proc_state(worker.proc.pid) if exit_code is None else None
-                probe = WorkerProbe(worker.started_at, worker.last_heartbeat_at, exit_code, proc_state)
+                probe = WorkerProbe(worker.started_at, worker.last_heartbeat_at, exit_code, proc_state, worker.ready)
                 verdict, reason = decide_worker(now, probe, self._liveness)
                 if verdict is Verdict.FINISHED:
                     worker.stopping = True
@@ -669,6 +732,9 @@ class Agent:
             self._report_worker(worker, state, exit_code=worker.proc.returncode or 0, detail=reason)
             self._send(agent_pb2.AgentMessage(failure=agent_pb2.NodeFailure(reason=detail)))
             self._failed_reason = detail
+            pending, self._pending = self._pending, None
+            if pending is not None:  # the start or reconfiguration cannot complete on this node
+                self._ack(pending.command_id, pending.generation, error=f"node failed: {detail}")
             await self._stop_workers_locked(f"node failure: {detail}", kill_now=False)
 
     # -- worker channel callbacks (called by oobleck.agent.channel) ------------------------
@@ -710,11 +776,17 @@ class Agent:
             samples_per_s=request.samples_per_s,
             samples=request.samples,
         )
+        # Reports are dropped while the master is unreachable, but the latest one is kept and
+        # sent again at the next session: a job that finished while the master was down is
+        # completed from it.
+        self._last_step = step
         self._send(agent_pb2.AgentMessage(step=step), droppable=True)
 
     def on_worker_ready(self, request: worker_pb2.ReportReadyRequest) -> None:
-        if self._live_worker(request.slot) is None:
+        worker = self._live_worker(request.slot)
+        if worker is None:
             return
+        worker.ready = True
         log.info(
             "node %d: slot %d: ready for generation %d (regroup %.3fs, copy %.3fs)",
             self.node_id,
@@ -729,10 +801,12 @@ class Agent:
         pending.waiting.discard(request.slot)
         pending.regroup_s = max(pending.regroup_s, request.regroup_s)
         pending.copy_s = max(pending.copy_s, request.copy_s)
+        if request.HasField("step"):
+            pending.step = request.step if pending.step is None else max(pending.step, request.step)
         if not pending.waiting:
             self._pending = None
             phases = agent_pb2.PhaseTimes(regroup_s=pending.regroup_s, copy_s=pending.copy_s)
-            self._ack(pending.command_id, pending.generation, phases=phases)
+            self._ack(pending.command_id, pending.generation, phases=phases, step=pending.step)
 
     def on_worker_error(self, request: worker_pb2.ReportErrorRequest) -> None:
         worker = self._live_worker(request.slot)

@@ -127,6 +127,11 @@ def add_port(server, address: str, *, tls: ServerTls | None, allow_insecure: boo
     return port
 
 
+#: Client reconnection backoff (see :func:`channel_options`).
+RECONNECT_INITIAL_BACKOFF_MS = 100
+RECONNECT_MAX_BACKOFF_MS = 1000
+
+
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -168,6 +173,13 @@ def channel_options(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _service_config(retry_services)),
+        # gRPC's own reconnection backoff grows to 120 s by default: after a 30 s master outage
+        # a channel would stay in TRANSIENT_FAILURE (every call failing at once) for up to
+        # another 10-20 s after the master is back, past the master's re-attach grace.
+        # Capped, a client reconnects within about a second of the master's return.
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_INITIAL_BACKOFF_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_BACKOFF_MS),
     ]
     if server_name_override:
         opts.append(("grpc.ssl_target_name_override", server_name_override))

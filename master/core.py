@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import time
@@ -26,7 +28,7 @@ from oobleck.master.config import MasterConfig
 from oobleck.master.detect import DetectConfig, DetectState, NodeLiveness, decide
 from oobleck.master.metrics import MasterMetrics
 from oobleck.master.scaleup import ScaleUpConfig, ScaleUpState, decide_scale_up
-from oobleck.master.store import AsyncStore, CommandRow, EventRow, JobRow, NodeRow
+from oobleck.master.store import AsyncStore, CommandRow, EventRow, JobRow, NodeRow, StoreError
 from oobleck.protos.v1 import agent_pb2, plan_pb2
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,17 @@ class MasterError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class StateUnavailable(MasterError):
+    """The state file cannot be written: a state change is refused (and undone in memory)."""
+
+    def __init__(self, failure: str) -> None:
+        super().__init__(
+            "UNAVAILABLE",
+            f"the master cannot write its state ({failure}); it refuses state changes until a write "
+            "succeeds again (free space or fix the state file's permissions; it retries on its own)",
+        )
 
 
 @dataclass
@@ -96,12 +109,35 @@ class NodeRuntime:
     session: SessionHandle | None = None
     reattach_by_s: float | None = None  # set when state is loaded after a restart; cleared on attach
     joined_s: float = 0.0  # when it registered (or the master loaded it): for the scale-up delay
+    leaving: bool = False  # its agent announced it is going away (pre-emption notice)
+
+
+@dataclass
+class AckOutcome:
+    """The acks of one generation's start / reconfigure commands (see ``Master._await_acks``)."""
+
+    bad: list[int] = field(default_factory=list)  # nodes that nacked, died or missed the deadline
+    errors: dict[int, str] = field(default_factory=dict)  # node -> why (nack message, or no ack in time)
+    ok_nodes: list[int] = field(default_factory=list)
+    steps: dict[int, int] = field(default_factory=dict)  # node -> position its workers are ready at
+    phases: dict[str, float] = field(default_factory=lambda: {"regroup": 0.0, "copy": 0.0})  # max over nodes
+    complete: bool = False  # every node acked ok
+
+
+@dataclass(frozen=True)
+class Ack:
+    """What a node answered to a command (or what the master concluded: node dead, timed out)."""
+
+    ok: bool
+    error: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
+    step: int | None = None  # start / reconfigure: the position the node's workers are ready at
 
 
 @dataclass
 class PendingCommand:
     row: CommandRow
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future = field(repr=False)  # resolves to an Ack
     profile_json: str = field(default="", repr=False)  # what a Profile command's ack carried
 
 
@@ -165,8 +201,16 @@ class Master:
         self._plan_lock = asyncio.Lock()
         self._reconfig_task: asyncio.Task | None = None
         self._resume_wait: tuple[int, float, dict[str, float]] | None = None
+        self._generation_step = (0, 0)  # (generation, highest step reported in it)
         self._first_step_generation = 0  # newest generation whose first step report has arrived
         self._first_step_s = 0.0  # ... and when it arrived
+        # Durability (see _save_fact): while the state file cannot be written, facts stay in
+        # memory and are written by the next successful resync; transitions are refused.
+        self.store_failure: str | None = None
+        self._store_retry_at = 0.0
+        self._unsaved_events: list[EventRow] = []
+        self._unsaved_acks: list[tuple[int, bool, str]] = []
+        self._next_event_id = 1
         self._events: deque[EventRow] = deque(maxlen=MAX_EVENTS_IN_MEMORY)
         self._watchers: set[asyncio.Queue] = set()
         self._step_watchers: set[asyncio.Queue] = set()  # the watchers that also want step events
@@ -203,6 +247,7 @@ class Master:
             self._next_command_id = max(self._next_command_id, row.command_id + 1)
         for ev in await self.store.call("events_since", max(0, snap.last_event_id - MAX_EVENTS_IN_MEMORY)):
             self._events.append(ev)
+        self._next_event_id = snap.last_event_id + 1
         self._update_node_metrics()
         if self.job is not None and self.job.state in ACTIVE_JOB_STATES:
             # Deaths and drains recorded before a crash but not yet replanned are replanned now.
@@ -214,10 +259,27 @@ class Master:
                     self._drain.add(node_id)
             if self._lost or self._drain:
                 self._pending_since = now
-            # Resume waiting for the acks of commands sent before the restart.
-            waits = [p for p in self.pending.values() if p.row.kind in ("start", "reconfigure")]
-            if waits:
-                self._spawn(self._await_acks_then_settle(waits, self.config.reconfigure_ack_timeout_s))
+            # Resume waiting for the acks of the generation being installed when the master
+            # stopped; its events (reconfigured with the phases, running, resumed) follow as if
+            # the master had not stopped.
+            generation = self.job.generation
+            waits = [
+                p
+                for p in self.pending.values()
+                if p.row.kind in ("start", "reconfigure") and p.row.generation == generation
+            ]
+            if waits and self.job.state in ("STARTING", "RECONFIGURING"):
+                durations = next(
+                    (dict(e.durations_s) for e in reversed(self._events)
+                     if e.kind == "reconfiguring" and e.generation == generation),
+                    {},
+                )  # fmt: skip
+                timeout_s = (
+                    self.config.reconfigure_ack_timeout_s
+                    if self.job.state == "RECONFIGURING"
+                    else self.config.start_ack_timeout_s
+                )
+                self._spawn(self._settle(generation, waits, timeout_s, durations))
         if self.job is not None and self.job.state == "PAUSED":
             self._spawn(self._resume_after_restart())
         log.info(
@@ -320,6 +382,7 @@ class Master:
             "spares": s.spares,
             "pipelines": [list(p) for p in self.pipelines],
             "detector": self._last_reason,
+            "state_store": "ok" if self.store_failure is None else f"failing: {self.store_failure}",
             "nodes": [
                 {
                     "node_id": n.node_id,
@@ -336,8 +399,9 @@ class Master:
     def _new_event(
         self, kind: str, message: str, *, node_id: int = 0, durations: dict[str, float] | None = None
     ) -> EventRow:
+        event_id, self._next_event_id = self._next_event_id, self._next_event_id + 1
         return EventRow(
-            0,
+            event_id,
             time.time(),
             kind,
             node_id,
@@ -368,14 +432,110 @@ class Master:
                 q.put_nowait(ev)
 
     async def _record(self, kind: str, message: str, **kw: Any) -> EventRow:
-        ev = await self.store.call("add_event", self._new_event(kind, message, **kw))
+        ev = self._new_event(kind, message, **kw)
+        if not await self._save_fact("add_event", ev):
+            self._unsaved_events.append(ev)  # written by the next resync, with this id
         self._publish(ev)
         return ev
 
     async def events_since(self, since_id: int) -> list[EventRow]:
         if self._events and since_id >= self._events[0].id - 1:
             return [e for e in self._events if e.id > since_id]
-        return await self.store.call("events_since", since_id)
+        try:
+            return await self.store.call("events_since", since_id)
+        except StoreError as exc:
+            raise MasterError("UNAVAILABLE", f"events since {since_id}: {exc}") from None
+
+    # -- durability --------------------------------------------------------------------------------
+    async def _save_fact(self, method: str, *args: Any) -> bool:
+        """Write a fact that is already true in memory (a death, an ack, progress, an event).
+        While the state file cannot be written it is not tried: the resync writes it later.
+        Returns whether it is durable now."""
+        if self.store_failure is not None:
+            return False
+        try:
+            await self.store.call(method, *args)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return False
+        return True
+
+    def _store_failed(self, exc: StoreError) -> None:
+        first = self.store_failure is None
+        self.store_failure = str(exc)
+        self._store_retry_at = self.clock() + self.config.state_retry_s
+        self.metrics.state_store_ok.set(0)
+        self.metrics.state_write_failures.inc()
+        if first:
+            log.error("%s: refusing state changes; retrying every %gs", exc, self.config.state_retry_s)
+            ev = self._new_event(
+                "state_write_failed",
+                f"{exc}: the master keeps serving and refuses state changes until it can write again",
+            )
+            self._unsaved_events.append(ev)
+            self._publish(ev)
+
+    def _require_store(self) -> None:
+        if self.store_failure is not None:
+            raise StateUnavailable(self.store_failure)
+
+    def _snapshot(self) -> tuple:
+        job = self.job
+        rows = {i: dataclasses.replace(n.row) for i, n in self.nodes.items()}
+        return job, copy.deepcopy(job), rows, self.pipelines, self.ctx
+
+    def _rollback(self, snapshot: tuple) -> None:
+        """Undo the in-memory changes of a transition whose commit failed."""
+        job, saved, rows, pipelines, ctx = snapshot
+        self.job = job
+        if job is not None:
+            job.__dict__.update(saved.__dict__)
+        for node_id, row in rows.items():
+            if node_id in self.nodes:
+                self.nodes[node_id].row.__dict__.update(row.__dict__)
+        self.pipelines, self.ctx = pipelines, ctx
+        self.metrics.generation.set(self.generation)
+        self._update_node_metrics()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """A persist-then-send transition: refused while the state file cannot be written, and
+        its in-memory changes undone when its commit fails (raises :class:`StateUnavailable`)."""
+        self._require_store()
+        snapshot = self._snapshot()
+        try:
+            yield
+        except StateUnavailable:
+            self._rollback(snapshot)
+            raise
+
+    async def retry_store(self) -> None:
+        """While the state file cannot be written: every ``state_retry_s`` write everything the
+        master holds in one transaction; on success record the recovery and carry on with what
+        was deferred (a paused job's restore, the end of a finished job)."""
+        if self.store_failure is None or self.clock() < self._store_retry_at:
+            return
+        events, acks = list(self._unsaved_events), list(self._unsaved_acks)
+        rows = [n.row for n in self.nodes.values()]
+        dead = [n.row.node_id for n in self.nodes.values() if n.row.state == "dead"]
+        try:
+            await self.store.call("resync", self.job, rows, acks, dead, events)
+        except StoreError as exc:
+            self.store_failure = str(exc)
+            self._store_retry_at = self.clock() + self.config.state_retry_s
+            self.metrics.state_write_failures.inc()
+            return
+        del self._unsaved_events[: len(events)]
+        del self._unsaved_acks[: len(acks)]
+        failure, self.store_failure = self.store_failure, None
+        self.metrics.state_store_ok.set(1)
+        log.warning("state file %s is writable again (it failed with: %s)", self.config.state_file, failure)
+        await self._record("state_store_recovered", f"the state file is writable again (after: {failure})")
+        job = self.job
+        if job is not None and job.state == "PAUSED":
+            self._spawn(self._try_resume())
+        elif job is not None and job.state in ACTIVE_JOB_STATES and job.step >= job.total_steps > 0:
+            self._spawn(self._finish_reached())
 
     def watch(self, *, include_steps: bool = False) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
@@ -404,7 +564,7 @@ class Master:
             row = known.row
             row.address, row.store_port = info.address, info.store_port
             known.last_seen_s = now
-            await self.store.call("save_node", row)
+            await self._save_fact("save_node", row)
             log.info("node %d (%s) re-registered", row.node_id, row.name)
         else:
             if known is not None and known.row.state != "dead":
@@ -425,7 +585,12 @@ class Master:
                 "spare",
                 "",
             )
-            row = await self.store.call("register_node", row)
+            self._require_store()  # a new node needs a durable id
+            try:
+                row = await self.store.call("register_node", row)
+            except StoreError as exc:
+                self._store_failed(exc)
+                raise StateUnavailable(str(exc)) from None
             self.nodes[row.node_id] = NodeRuntime(row=row, last_seen_s=self.clock(), joined_s=self.clock())
             self._update_node_metrics()
             await self._record("node_registered", f"{row.name} ({row.slots} slots) registered", node_id=row.node_id)
@@ -461,11 +626,10 @@ class Master:
         node.reattach_by_s = None
         node.last_seen_s = self.clock()
         for cmd_id in sorted(p for p, pc in self.pending.items() if pc.row.node_id == node.row.node_id):
+            # Unacked commands are sent again, also those the agent has seen (cmd_id <=
+            # last_command_id): it repeats the ack it gave (phases and ready step included: the
+            # one sent before was lost with the old session or master), or acks once it is done.
             pc = self.pending[cmd_id]
-            if cmd_id <= last_command_id:
-                # The agent applied and acked it; the ack was lost with the old session or master.
-                self._spawn(self._apply_ack(node.row.node_id, cmd_id, pc.row.generation, True, "", None))
-                continue
             handle.send(agent_pb2.MasterMessage(command=agent_pb2.Command.FromString(pc.row.payload)))
         log.info("node %d session attached (last acked command %d)", node.row.node_id, last_command_id)
         return handle
@@ -485,6 +649,29 @@ class Master:
         if node.failed_reason is None and node.row.state != "dead":
             node.failed_reason = reason or "reported by agent"
 
+    async def on_leaving(self, node: NodeRuntime, reason: str, deadline_s: float) -> None:
+        """The node's agent received a pre-emption or maintenance notice (SIGTERM): drain it at a
+        step boundary, as an operator's drain would, so that no step is lost; its agent exits
+        once its workers are out of the plan. A node outside the plan just leaves."""
+        node.last_seen_s = self.clock()
+        node_id = node.row.node_id
+        job = self.job
+        in_plan = any(node_id in p for p in self.pipelines)
+        if node.row.state == "dead" or node.leaving:
+            return
+        node.leaving = True
+        if not in_plan or job is None or job.state not in ACTIVE_JOB_STATES:
+            await self._record("node_leaving", f"{node.row.name} is leaving ({reason}); not in a plan", node_id=node_id)
+            return
+        self._drain.add(node_id)
+        if self._pending_since is None:
+            self._pending_since = self.clock()
+        await self._record(
+            "node_leaving",
+            f"{node.row.name} is leaving ({reason}): drained at the next step boundary (it waits {deadline_s:g}s)",
+            node_id=node_id,
+        )
+
     def on_worker_report(self, node: NodeRuntime, slot: int, state: str, exit_code: int, detail: str) -> None:
         node.last_seen_s = self.clock()
         log.debug("node %d slot %d: %s exit=%d %s", node.row.node_id, slot, state, exit_code, detail)
@@ -494,6 +681,10 @@ class Master:
         job = self.job
         if job is None or generation != job.generation or job.state not in ACTIVE_JOB_STATES:
             return
+        if not any(node.row.node_id in p for p in self.pipelines):
+            return  # only the plan's nodes train; a spare's report is not progress
+        if generation != self._generation_step[0] or step > self._generation_step[1]:
+            self._generation_step = (generation, step)
         if step > job.step:
             job.step = step
             self._progress_dirty = True
@@ -507,7 +698,7 @@ class Master:
             if self._resume_wait is not None and self._resume_wait[0] == generation:
                 self._resumed(generation, self._first_step_s - self._resume_wait[1])
         if job.step >= job.total_steps > 0:
-            self._spawn(self._finish("SUCCEEDED", f"reached step {job.step} of {job.total_steps}"))
+            self._spawn(self._finish_reached())
 
     async def on_ack(
         self,
@@ -518,9 +709,10 @@ class Master:
         error: str,
         phases: dict[str, float],
         profile_json: str = "",
+        step: int | None = None,
     ) -> None:
         node.last_seen_s = self.clock()
-        await self._apply_ack(node.row.node_id, command_id, generation, ok, error, phases, profile_json)
+        await self._apply_ack(node.row.node_id, command_id, generation, ok, error, phases, profile_json, step)
 
     async def _apply_ack(
         self,
@@ -531,6 +723,7 @@ class Master:
         error: str,
         phases: dict[str, float] | None,
         profile_json: str = "",
+        step: int | None = None,
     ) -> None:
         pc = self.pending.get(command_id)
         if pc is None:
@@ -540,17 +733,18 @@ class Master:
             log.warning("node %d acked command %d of node %d (ignored)", node_id, command_id, pc.row.node_id)
             return
         del self.pending[command_id]
-        await self.store.call("ack_command", command_id, ok, error)
+        if not await self._save_fact("ack_command", command_id, ok, error):
+            self._unsaved_acks.append((command_id, ok, error))
         if not ok:
             log.warning("node %d: command %d (%s) failed: %s", node_id, command_id, pc.row.kind, error)
         if pc.row.kind == "drain" and node_id in self.nodes and self.nodes[node_id].row.state == "draining":
             row = self.nodes[node_id].row
             row.state, row.reason = "spare", "drained"
-            await self.store.call("save_node", row)
+            await self._save_fact("save_node", row)
             self._update_node_metrics()
         pc.profile_json = profile_json
         if not pc.future.done():
-            pc.future.set_result((ok, error, phases or {}))
+            pc.future.set_result(Ack(ok, error, dict(phases or {}), step))
 
     # -- commands ----------------------------------------------------------------------------------------
     def _command(self, node_id: int, kind: str, **body: Any) -> CommandRow:
@@ -574,8 +768,14 @@ class Master:
     async def _commit_and_send(
         self, rows: list[CommandRow], events: list[EventRow], nodes: list[NodeRow], save_job: bool = True
     ) -> list[PendingCommand]:
-        """Persist job/plan, node states, commands and events in one transaction, then send."""
-        await self.store.call("commit_plan", self.job if save_job else None, nodes, rows, events)
+        """Persist job/plan, node states, commands and events in one transaction, then send.
+        Raises :class:`StateUnavailable` (nothing sent) when the state file cannot be written."""
+        self._require_store()
+        try:
+            await self.store.call("commit_plan", self.job if save_job else None, nodes, rows, events)
+        except StoreError as exc:
+            self._store_failed(exc)
+            raise StateUnavailable(str(exc)) from None
         for ev in events:
             self._publish(ev)
         return self._deliver(rows)
@@ -605,7 +805,8 @@ class Master:
         for node_id, why in decision.dead:
             await self._declare_dead(node_id, why)
         self._pending_since = decision.pending_since_s
-        if decision.reconfigure and (self._reconfig_task is None or self._reconfig_task.done()):
+        idle = self._reconfig_task is None or self._reconfig_task.done()
+        if decision.reconfigure and idle and self.store_failure is None:
             self._pending_since = None
             lost = dict(self._lost)
             drain = set(self._drain)
@@ -614,7 +815,8 @@ class Master:
             if lost or drain:
                 self._reconfig_task = asyncio.get_running_loop().create_task(self._reconfigure(lost, drain))
         elif decision.reconfigure:
-            # A reconfiguration is in flight: keep the deaths pending for the next round.
+            # A reconfiguration is in flight, or the state file cannot be written (a new plan
+            # could not be persisted): keep the deaths pending for the next round.
             self._pending_since = decision.pending_since_s
         else:
             added, why = decide_scale_up(now, self.scale_state(), self.scale_config)
@@ -627,7 +829,8 @@ class Master:
         count (the planner assumes identical nodes), and whether the job is running steadily."""
         job = self.job
         busy = (
-            self._pending_since is not None
+            self.store_failure is not None
+            or self._pending_since is not None
             or bool(self._lost or self._drain)
             or (self._reconfig_task is not None and not self._reconfig_task.done())
         )
@@ -652,7 +855,8 @@ class Master:
             await self.detect_once()
             if self._progress_dirty and self.job is not None:
                 self._progress_dirty = False
-                await self.store.call("update_progress", self.job.step, self.job.state, self.job.reason)
+                await self._save_fact("update_progress", self.job.step, self.job.state, self.job.reason)
+            await self.retry_store()
 
     async def _declare_dead(self, node_id: int, why: str) -> None:
         node = self.nodes.get(node_id)
@@ -667,7 +871,7 @@ class Master:
         for cmd_id in [c for c, pc in self.pending.items() if pc.row.node_id == node_id]:
             pc = self.pending.pop(cmd_id)
             if not pc.future.done():
-                pc.future.set_result((False, "node dead", {}))
+                pc.future.set_result(Ack(False, "node dead"))
         in_plan = was in ("alive", "draining") and any(node_id in p for p in self.pipelines)
         if in_plan and self.job is not None and self.job.state in ACTIVE_JOB_STATES:
             self._lost[node_id] = detect_s
@@ -675,9 +879,12 @@ class Master:
                 self._pending_since = self.clock()
         self._death.set()
         self._update_node_metrics()
-        await self.store.call("save_node", node.row)
-        await self.store.call("drop_commands_of", node_id)
-        await self._record("node_dead", why, node_id=node_id, durations={"detect": detect_s})
+        await self._save_fact("save_node", node.row)
+        await self._save_fact("drop_commands_of", node_id)
+        if node.leaving and not in_plan:  # announced (pre-emption notice), drained first: not a failure
+            await self._record("node_left", f"{node.row.name} left ({why})", node_id=node_id)
+        else:
+            await self._record("node_dead", why, node_id=node_id, durations={"detect": detect_s})
 
     # -- job start ------------------------------------------------------------------------------------------
     def _planning_nodes(self) -> list[planning.NodeInfo]:
@@ -707,6 +914,7 @@ class Master:
                     "FAILED_PRECONDITION",
                     f"job {self.job.job_id} is {self.job.state}; cancel it before submitting another",
                 )
+            self._require_store()
             try:
                 spec = await asyncio.to_thread(parse_job_spec, spec_yaml)
             except ConfigError as exc:
@@ -755,41 +963,43 @@ class Master:
             except planner.PlannerError as exc:
                 raise MasterError("INVALID_ARGUMENT", f"planner rejected the job: {exc}") from None
             job_id = uuid.uuid4().hex[:12]
-            self.ctx = ctx
-            self.job = JobRow(
-                job_id=job_id,
-                spec_yaml=spec_yaml,
-                state="STARTING",
-                reason="waiting for workers to start",
-                generation=generation,
-                plan=layout.plan.SerializeToString(),
-                plan_json={"pipelines": [list(p) for p in layout.pipelines], **ctx.to_json()},
-                step=0,
-                total_steps=spec.steps,
-            )
-            self.pipelines = layout.pipelines
-            self.loss = self.samples_per_s = 0.0
-            self.metrics.generation.set(generation)
-            self.metrics.step.set(0)
-            in_plan = set(layout.nodes)
-            changed = []
-            for n in self.nodes.values():
-                if n.row.state in ("alive", "spare"):
-                    n.row.state = "alive" if n.row.node_id in in_plan else "spare"
-                    n.row.reason = "" if n.row.node_id in in_plan else "not in the plan"
-                    changed.append(n.row)
-            rows = [
-                self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=spec_yaml))
-                for n in layout.nodes
-            ]
-            ev = self._new_event(
-                "job_submitted",
-                f"job {job_id} ({spec.name}): {len(layout.pipelines)} pipelines over {len(in_plan)} nodes, "
-                f"{len(candidates) - len(in_plan) + len(odd)} spares",
-            )
-            waits = await self._commit_and_send(rows, [ev], changed)
+            layout.plan.job_id = job_id
+            with self._transaction():
+                self.ctx = ctx
+                self.job = JobRow(
+                    job_id=job_id,
+                    spec_yaml=spec_yaml,
+                    state="STARTING",
+                    reason="waiting for workers to start",
+                    generation=generation,
+                    plan=layout.plan.SerializeToString(),
+                    plan_json={"pipelines": [list(p) for p in layout.pipelines], **ctx.to_json()},
+                    step=0,
+                    total_steps=spec.steps,
+                )
+                self.pipelines = layout.pipelines
+                self.loss = self.samples_per_s = 0.0
+                self.metrics.generation.set(generation)
+                self.metrics.step.set(0)
+                in_plan = set(layout.nodes)
+                changed = []
+                for n in self.nodes.values():
+                    if n.row.state in ("alive", "spare"):
+                        n.row.state = "alive" if n.row.node_id in in_plan else "spare"
+                        n.row.reason = "" if n.row.node_id in in_plan else "not in the plan"
+                        changed.append(n.row)
+                rows = [
+                    self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=spec_yaml))
+                    for n in layout.nodes
+                ]
+                ev = self._new_event(
+                    "job_submitted",
+                    f"job {job_id} ({spec.name}): {len(layout.pipelines)} pipelines over {len(in_plan)} nodes, "
+                    f"{len(candidates) - len(in_plan) + len(odd)} spares",
+                )
+                waits = await self._commit_and_send(rows, [ev], changed)
             self._update_node_metrics()
-            self._spawn(self._await_acks_then_settle(waits, self.config.start_ack_timeout_s))
+            self._spawn(self._settle(generation, waits, self.config.start_ack_timeout_s, {}))
             return job_id, generation
 
     async def _measured_profile(self, spec: Any, spec_yaml: str, node: planning.NodeInfo) -> tuple[Any, str]:
@@ -808,17 +1018,20 @@ class Master:
             (pc,) = await self._commit_and_send([row], [ev], [], False)
             timeout_s = self.config.profile_timeout_s
             try:
-                ok, error, _ = await asyncio.wait_for(asyncio.shield(pc.future), timeout=timeout_s)
+                ack = await asyncio.wait_for(asyncio.shield(pc.future), timeout=timeout_s)
             except TimeoutError:
                 self.pending.pop(row.command_id, None)
-                await self.store.call("ack_command", row.command_id, False, "timed out")
+                if not await self._save_fact("ack_command", row.command_id, False, "timed out"):
+                    self._unsaved_acks.append((row.command_id, False, "timed out"))
                 raise MasterError(
                     "DEADLINE_EXCEEDED",
                     f"profile: node {node.node_id} did not finish profiling within {timeout_s:g}s "
                     "(profile_timeout_s); set `profile:` to a measured profile or raise the timeout",
                 ) from None
-            if not ok:
-                raise MasterError("FAILED_PRECONDITION", f"profile: profiling on node {node.node_id} failed: {error}")
+            if not ack.ok:
+                raise MasterError(
+                    "FAILED_PRECONDITION", f"profile: profiling on node {node.node_id} failed: {ack.error}"
+                )
             try:
                 data = json.loads(pc.profile_json)
             except ValueError as exc:
@@ -834,18 +1047,18 @@ class Master:
             why = f"profile: {where} is not a valid oobleck-profile/1: {exc}"
             raise MasterError("FAILED_PRECONDITION", why) from None
         if fresh:
-            await asyncio.to_thread(profiles.write_cached, path, data)
-            log.info("profile of %s measured on node %d, cached at %s", spec.model.name, node.node_id, path)
+            try:
+                await asyncio.to_thread(profiles.write_cached, path, data)
+                log.info("profile of %s measured on node %d, cached at %s", spec.model.name, node.node_id, path)
+            except OSError as exc:  # a full disk costs the cache, not the job
+                log.warning("profile of %s measured on node %d, not cached: %s", spec.model.name, node.node_id, exc)
         return profile, f"the profile measured on node {node.node_id}" if fresh else f"cached profile {path}"
 
-    async def _await_acks(
-        self, waits: list[PendingCommand], timeout_s: float
-    ) -> tuple[list[int], dict[str, float], list[int]]:
+    async def _await_acks(self, waits: list[PendingCommand], timeout_s: float) -> AckOutcome:
         """Wait for acks until the deadline, or until the first failed one (a nack, or its node
         declared dead: the generation cannot complete, and waiting for the others, which are
-        blocked on that node, would only delay the next one). Returns (nodes that failed or
-        missed the deadline, max phases, ok nodes); nodes still pending after a failure are in
-        neither list."""
+        blocked on that node, would only delay the next one). Nodes still pending after a
+        failure are neither bad nor ok."""
         futures = {pc.future: pc.row.node_id for pc in waits}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -854,23 +1067,28 @@ class Master:
             done, pending = await asyncio.wait(
                 pending, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
             )
-            if not done or any(not f.result()[0] for f in done):
+            if not done or any(not f.result().ok for f in done):
                 break
-        bad, ok_nodes, phases = [], [], {"regroup": 0.0, "copy": 0.0}
+        out = AckOutcome()
         timed_out = loop.time() >= deadline
         for fut, node_id in futures.items():
             if not fut.done():
                 if timed_out:
-                    bad.append(node_id)
+                    out.bad.append(node_id)
+                    out.errors[node_id] = f"no ack within {timeout_s:g}s"
                 continue
-            ok, _error, ph = fut.result()
-            if not ok:
-                bad.append(node_id)
+            ack: Ack = fut.result()
+            if not ack.ok:
+                out.bad.append(node_id)
+                out.errors[node_id] = ack.error
                 continue
-            ok_nodes.append(node_id)
+            out.ok_nodes.append(node_id)
+            if ack.step is not None:
+                out.steps[node_id] = ack.step
             for k in ("regroup", "copy"):
-                phases[k] = max(phases[k], float((ph or {}).get(k, 0.0)))
-        return bad, phases, ok_nodes
+                out.phases[k] = max(out.phases[k], float(ack.phases.get(k, 0.0)))
+        out.complete = not out.bad and len(out.ok_nodes) == len(waits)
+        return out
 
     async def _fail_nodes(self, nodes: list[int], why: str) -> None:
         for node_id in nodes:
@@ -879,17 +1097,64 @@ class Master:
                 node.failed_reason = why
                 await self._declare_dead(node_id, why)
 
-    async def _await_acks_then_settle(self, waits: list[PendingCommand], timeout_s: float) -> None:
-        generation = self.generation
-        bad, _phases, _ok = await self._await_acks(waits, timeout_s)
-        if self.job is None or self.job.generation != generation:
-            return
-        missing = [n for n in bad if self.nodes.get(n) and self.nodes[n].row.state != "dead"]
-        await self._fail_nodes(missing, f"no ack for generation {generation} within {timeout_s:g}s")
-        if not bad and self.job.state in ("STARTING", "RECONFIGURING"):
-            self.job.state, self.job.reason = "RUNNING", ""
-            await self.store.call("save_job", self.job)
-            await self._record("running", f"all nodes acked generation {generation}")
+    async def _settle(
+        self, generation: int, waits: list[PendingCommand], timeout_s: float, durations: dict[str, float]
+    ) -> None:
+        """Wait for the acks of generation ``generation``'s start / reconfigure commands (each ack
+        means the node's workers are ready: joined, layers copied or restored). All ok: the job
+        runs, its step follows the position the workers are ready at (a restore or redone steps
+        move it back), a pending restore obligation is fulfilled, and ``running`` (first start,
+        restore) or ``reconfigured`` is recorded with the phases. Otherwise the nodes that missed
+        the deadline are failed and the detector starts the next generation."""
+        outcome = await self._await_acks(waits, timeout_s)
+        job = self.job
+        if job is None or job.generation != generation or job.state not in ("STARTING", "RECONFIGURING"):
+            return  # superseded, paused or ended meanwhile
+        reconfiguring = job.state == "RECONFIGURING"
+        durations = {**durations, **outcome.phases} if reconfiguring else durations
+        if reconfiguring:
+            self.metrics.observe_phases(durations)
+        if not outcome.complete:
+            dead = sorted(n for n in outcome.bad if self.nodes[n].row.state == "dead")
+            missing = sorted(n for n in outcome.bad if self.nodes[n].row.state != "dead")
+            for node_id in missing:
+                await self._fail_nodes([node_id], f"generation {generation}: {outcome.errors.get(node_id, 'no ack')}")
+            if reconfiguring:
+                parts = [f"nodes {dead} died during it" if dead else "", f"no ack from {missing}" if missing else ""]
+                await self._record(
+                    "reconfigure_incomplete",
+                    f"generation {generation} superseded: " + "; ".join(p for p in parts if p),
+                    durations=durations,
+                )
+            return  # the detector starts the next generation for the nodes that died
+        ready = sorted(set(outcome.steps.values()))
+        if len(ready) > 1:
+            log.warning("generation %d: nodes are ready at different steps %s", generation, ready)
+        restored = bool(job.plan_json.pop("restore_pending", False))
+        if ready:
+            # Reports of this generation may already have moved past the ready position.
+            reported = self._generation_step[1] if self._generation_step[0] == generation else 0
+            step = max(ready[0], reported)
+            if step != job.step:
+                log.info("generation %d: workers ready at step %d (the master had %d)", generation, step, job.step)
+                job.step = step
+                self.metrics.step.set(step)
+        job.state, job.reason = "RUNNING", ""
+        acked_at = self.clock()
+        await self._save_fact("save_job", job)
+        if reconfiguring:
+            await self._record(
+                "reconfigured", f"generation {generation} acked by {len(waits)} nodes", durations=durations
+            )
+            # "resumed" follows "reconfigured" in the event log, even when a step of the new
+            # generation was reported while the acks were processed or the above was written.
+            if self._first_step_generation >= generation:
+                self._resumed(generation, self._first_step_s - acked_at)
+            else:
+                self._resume_wait = (generation, acked_at, durations)
+        else:
+            what = f"restored at step {job.step}" if restored else "ready"
+            await self._record("running", f"all nodes acked generation {generation} ({what})")
 
     # -- reconfiguration ------------------------------------------------------------------------------------
     async def _ensure_ctx(self) -> planning.PlanContext:
@@ -921,23 +1186,32 @@ class Master:
             planner = self.planner
             try:
                 ctx = await self._ensure_ctx()
-                layout = await asyncio.to_thread(
-                    planning.next_layout,
-                    planner,
-                    ctx,
-                    self.pipelines,
-                    sorted(gone),
-                    self._node_infos(),
-                    generation=generation,
-                    resume_step=job.step,
-                )
-            except planner.InfeasibleError as exc:
-                await self._pause(f"not enough nodes after losing {sorted(gone)}: {exc}")
-                return
-            reason = f"lost nodes {sorted(lost)}" + (f", draining {sorted(drain)}" if drain else "")
-            await self._roll_out(
-                layout, reason, {"detect": detect_s, "plan": self.clock() - t0}, drain=drain, left=set(lost) | drain
-            )
+                try:
+                    layout = await asyncio.to_thread(
+                        planning.next_layout,
+                        planner,
+                        ctx,
+                        self.pipelines,
+                        sorted(gone),
+                        self._node_infos(),
+                        generation=generation,
+                        resume_step=job.step,
+                    )
+                except planner.InfeasibleError as exc:
+                    layout, infeasible = None, exc
+                reason = f"lost nodes {sorted(lost)}" + (f", draining {sorted(drain)}" if drain else "")
+                durations = {"detect": detect_s, "plan": self.clock() - t0}
+                if layout is None:
+                    await self._pause(f"not enough nodes after losing {sorted(gone)}: {infeasible}")
+                else:
+                    await self._roll_out(layout, reason, durations, drain=drain, left=set(lost) | drain)
+            except StateUnavailable as exc:
+                # Nothing was sent: the deaths stay pending until the state file is writable.
+                log.warning("reconfiguration after losing %s deferred: %s", sorted(gone), exc.message)
+                self._lost.update(lost)
+                self._drain |= drain
+                if self._pending_since is None:
+                    self._pending_since = self.clock()
 
     async def _scale_up(self, added: tuple[int, ...]) -> None:
         """Grow the running plan onto the spares ``added`` (see :mod:`oobleck.master.scaleup`)."""
@@ -967,7 +1241,10 @@ class Master:
                 await self._record("scale_up_skipped", f"spares {list(added)} stay spares: {exc}")
                 return
             joined = sorted(set(layout.nodes) - {n for p in self.pipelines for n in p})
-            await self._roll_out(layout, f"scaling up onto nodes {joined}", {"plan": self.clock() - t0})
+            try:
+                await self._roll_out(layout, f"scaling up onto nodes {joined}", {"plan": self.clock() - t0})
+            except StateUnavailable as exc:  # nothing sent; tried again once the state file is writable
+                log.warning("scale-up onto %s deferred: %s", joined, exc.message)
 
     async def _roll_out(
         self,
@@ -987,89 +1264,65 @@ class Master:
         job = self.job
         assert job is not None
         generation = layout.plan.generation
-        old_nodes = [n for p in self.pipelines for n in p]
-        self.metrics.reconfigurations.inc()
-        job.generation, job.state, job.reason = generation, "RECONFIGURING", reason
-        job.plan = layout.plan.SerializeToString()
-        job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
-        self.pipelines = layout.pipelines
-        self.metrics.generation.set(generation)
-        t1 = self.clock()
-        in_plan = set(layout.nodes)
-        joining = [n for n in layout.nodes if n not in set(old_nodes)]
-        staying = [n for n in old_nodes if n not in left]
-        changed = []
-        for node_id in drain:
-            n = self.nodes[node_id]
-            if n.row.state != "dead":
-                n.row.state, n.row.reason = "draining", "drained by operator"
+        with self._transaction():
+            layout.plan.job_id = job.job_id
+            # A restore obligation lasts until a generation's workers report ready (see _settle):
+            # a generation that replaces a restoring one before it restored restores too.
+            if job.plan_json.get("restore_pending"):
+                layout.plan.restore_from_checkpoint = True
+            elif layout.plan.restore_from_checkpoint:
+                job.plan_json = {**job.plan_json, "restore_pending": True}
+            old_nodes = [n for p in self.pipelines for n in p]
+            job.generation, job.state, job.reason = generation, "RECONFIGURING", reason
+            job.plan = layout.plan.SerializeToString()
+            job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
+            self.pipelines = layout.pipelines
+            self.metrics.generation.set(generation)
+            t1 = self.clock()
+            in_plan = set(layout.nodes)
+            joining = [n for n in layout.nodes if n not in set(old_nodes)]
+            staying = [n for n in old_nodes if n not in left]
+            changed = []
+            for node_id in drain:
+                n = self.nodes[node_id]
+                if n.row.state != "dead":
+                    n.row.state, n.row.reason = "draining", "drained by operator"
+                    changed.append(n.row)
+            for node_id in staying:
+                n = self.nodes[node_id]
+                if node_id not in in_plan and n.row.state == "alive":
+                    n.row.state, n.row.reason = "spare", "left out of the new plan"
+                    changed.append(n.row)
+            for node_id in joining:
+                n = self.nodes[node_id]
+                n.row.state, n.row.reason = "alive", ""
                 changed.append(n.row)
-        for node_id in staying:
-            n = self.nodes[node_id]
-            if node_id not in in_plan and n.row.state == "alive":
-                n.row.state, n.row.reason = "spare", "left out of the new plan"
-                changed.append(n.row)
-        for node_id in joining:
-            n = self.nodes[node_id]
-            n.row.state, n.row.reason = "alive", ""
-            changed.append(n.row)
-        rows = [
-            self._command(n, "reconfigure", reconfigure=agent_pb2.Reconfigure(plan=layout.plan))
-            for n in staying
-            if self.nodes[n].row.state != "dead"
-        ]
-        rows += [
-            self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=job.spec_yaml))
-            for n in joining
-        ]
-        rows += [
-            self._command(n, "drain", drain=agent_pb2.Drain(reason="drained by operator"))
-            for n in drain
-            if self.nodes[n].row.state == "draining"
-        ]
-        ev = self._new_event(
-            "reconfiguring",
-            f"generation {generation}: {len(layout.pipelines)} pipelines over {len(in_plan)} nodes "
-            f"({layout.reason or 'replanned'})",
-            durations=durations,
-        )
-        waits = await self._commit_and_send(rows, [ev], changed)
-        self._update_node_metrics()
-        notify_s = self.clock() - t1
-        recon_waits = [w for w in waits if w.row.kind in ("reconfigure", "start")]
-        bad, phases, ok_nodes = await self._await_acks(recon_waits, self.config.reconfigure_ack_timeout_s)
-        durations = {**durations, "notify": notify_s, **phases}
-        self.metrics.observe_phases(durations)
-        if bad or len(ok_nodes) < len(recon_waits):
-            dead = sorted(n for n in bad if self.nodes[n].row.state == "dead")
-            missing = sorted(n for n in bad if self.nodes[n].row.state != "dead")
-            await self._fail_nodes(missing, f"failed or missed the ack deadline of generation {generation}")
-            await self._record(
-                "reconfigure_incomplete",
-                f"generation {generation} superseded: "
-                + "; ".join(
-                    part
-                    for part in (
-                        f"nodes {dead} died during it" if dead else "",
-                        f"no ack from {missing}" if missing else "",
-                    )
-                    if part
-                ),
+            rows = [
+                self._command(n, "reconfigure", reconfigure=agent_pb2.Reconfigure(plan=layout.plan))
+                for n in staying
+                if self.nodes[n].row.state != "dead"
+            ]
+            rows += [
+                self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=job.spec_yaml))
+                for n in joining
+            ]
+            rows += [
+                self._command(n, "drain", drain=agent_pb2.Drain(reason="drained by operator"))
+                for n in drain
+                if self.nodes[n].row.state == "draining"
+            ]
+            ev = self._new_event(
+                "reconfiguring",
+                f"generation {generation}: {len(layout.pipelines)} pipelines over {len(in_plan)} nodes "
+                f"({reason}; {layout.reason or 'replanned'})",
                 durations=durations,
             )
-            return  # the detector starts the next generation for the nodes that died
-        job.state, job.reason = "RUNNING", ""
-        acked_at = self.clock()
-        await self.store.call("save_job", job)
-        await self._record(
-            "reconfigured", f"generation {generation} acked by {len(recon_waits)} nodes", durations=durations
-        )
-        # "resumed" follows "reconfigured" in the event log, even when a step of the new
-        # generation was reported while the acks were processed or the above was written.
-        if self._first_step_generation >= generation:
-            self._resumed(generation, self._first_step_s - acked_at)
-        else:
-            self._resume_wait = (generation, acked_at, durations)
+            waits = await self._commit_and_send(rows, [ev], changed)
+        self.metrics.reconfigurations.inc()
+        self._update_node_metrics()
+        durations = {**durations, "notify": self.clock() - t1}
+        recon_waits = [w for w in waits if w.row.kind in ("reconfigure", "start")]
+        await self._settle(generation, recon_waits, self.config.reconfigure_ack_timeout_s, durations)
 
     def _resumed(self, generation: int, resume_s: float) -> None:
         self._resume_wait = None
@@ -1080,16 +1333,17 @@ class Master:
     async def _pause(self, reason: str) -> None:
         job = self.job
         assert job is not None
-        job.state, job.reason = "PAUSED", reason
-        survivors = [n for p in self.pipelines for n in p if self.nodes[n].row.state == "alive"]
-        changed = []
-        for node_id in survivors:
-            self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "spare", "job paused"
-            changed.append(self.nodes[node_id].row)
-        self.pipelines = ()
-        job.plan_json = {**job.plan_json, "pipelines": []}
-        rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in survivors]
-        await self._commit_and_send(rows, [self._new_event("job_paused", reason)], changed)
+        with self._transaction():
+            job.state, job.reason = "PAUSED", reason
+            survivors = [n for p in self.pipelines for n in p if self.nodes[n].row.state == "alive"]
+            changed = []
+            for node_id in survivors:
+                self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "spare", "job paused"
+                changed.append(self.nodes[node_id].row)
+            self.pipelines = ()
+            job.plan_json = {**job.plan_json, "pipelines": []}
+            rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in survivors]
+            await self._commit_and_send(rows, [self._new_event("job_paused", reason)], changed)
         self._update_node_metrics()
         # Nodes may have registered while the failed generation was being handled (a node whose
         # workers failed re-registers as a spare at once): try to restore now, not only on the
@@ -1128,42 +1382,71 @@ class Master:
             except planner.PlannerError as exc:
                 log.info("job still paused: %s", exc)
                 return
-            job.generation, job.state, job.reason = generation, "STARTING", "restoring from checkpoint"
-            job.step = 0  # redone steps are reported (and published) again
-            self.metrics.step.set(0)
-            job.plan = layout.plan.SerializeToString()
-            job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines]}
-            self.pipelines = layout.pipelines
-            self.metrics.generation.set(generation)
-            changed = []
-            for node_id in layout.nodes:
-                self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "alive", ""
-                changed.append(self.nodes[node_id].row)
-            rows = [
-                self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=job.spec_yaml))
-                for n in layout.nodes
-            ]
-            ev = self._new_event("job_resumed", f"generation {generation} restores from the latest checkpoint")
-            waits = await self._commit_and_send(rows, [ev], changed)
+            if self.store_failure is not None:
+                log.warning("job still paused: the state file cannot be written (%s)", self.store_failure)
+                return  # retried once it can (retry_store)
+            try:
+                with self._transaction():
+                    waits = await self._install_restore(layout)
+            except StateUnavailable as exc:  # nothing sent: retried once the state file is writable
+                log.warning("job still paused: %s", exc.message)
+                return
             self._update_node_metrics()
-            self._spawn(self._await_acks_then_settle(waits, self.config.start_ack_timeout_s))
+            self._spawn(self._settle(generation, waits, self.config.start_ack_timeout_s, {}))
+
+    async def _install_restore(self, layout: planning.PlannedLayout) -> list[PendingCommand]:
+        """Persist and send the generation that restores a paused job from its checkpoint."""
+        job = self.job
+        generation = layout.plan.generation
+        layout.plan.job_id = job.job_id
+        job.generation, job.state, job.reason = generation, "STARTING", "restoring from checkpoint"
+        # The step stays the last one known until the workers report the restored position
+        # (their acks, see _settle); the master does not read checkpoints itself.
+        job.plan = layout.plan.SerializeToString()
+        job.plan_json = {**job.plan_json, "pipelines": [list(p) for p in layout.pipelines], "restore_pending": True}
+        self.pipelines = layout.pipelines
+        self.metrics.generation.set(generation)
+        changed = []
+        for node_id in layout.nodes:
+            self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "alive", ""
+            changed.append(self.nodes[node_id].row)
+        rows = [
+            self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=job.spec_yaml))
+            for n in layout.nodes
+        ]
+        ev = self._new_event("job_resumed", f"generation {generation} restores from the latest checkpoint")
+        return await self._commit_and_send(rows, [ev], changed)
+
+    async def _finish_reached(self) -> None:
+        """The job reached its last step: it succeeded (retried by retry_store when the state
+        file could not be written)."""
+        job = self.job
+        if job is None:
+            return
+        try:
+            await self._finish("SUCCEEDED", f"reached step {job.step} of {job.total_steps}")
+        except StateUnavailable as exc:
+            log.warning("job %s reached its last step; recording that waits for the state file: %s", job.job_id, exc)
 
     async def _finish(self, state: str, reason: str) -> None:
+        """End the job (stop its workers). Raises :class:`StateUnavailable` when that cannot be
+        persisted (nothing changes then)."""
         async with self._plan_lock:
             job = self.job
             if job is None or job.state not in (*ACTIVE_JOB_STATES, "PAUSED"):
                 return
-            job.state, job.reason = state, reason
-            plan_nodes = [n for p in self.pipelines for n in p if self.nodes[n].row.state in ("alive", "draining")]
-            changed = []
-            for node_id in plan_nodes:
-                self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "spare", f"job {state.lower()}"
-                changed.append(self.nodes[node_id].row)
-            rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in plan_nodes]
+            with self._transaction():
+                job.state, job.reason = state, reason
+                plan_nodes = [n for p in self.pipelines for n in p if self.nodes[n].row.state in ("alive", "draining")]
+                changed = []
+                for node_id in plan_nodes:
+                    self.nodes[node_id].row.state, self.nodes[node_id].row.reason = "spare", f"job {state.lower()}"
+                    changed.append(self.nodes[node_id].row)
+                rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in plan_nodes]
+                await self._commit_and_send(rows, [self._new_event(f"job_{state.lower()}", reason)], changed)
             self._lost.clear()
             self._drain.clear()
             self._pending_since = None
-            await self._commit_and_send(rows, [self._new_event(f"job_{state.lower()}", reason)], changed)
             self._update_node_metrics()
 
     # -- admin -------------------------------------------------------------------------------------------------
@@ -1175,6 +1458,7 @@ class Master:
 
     async def drain_node(self, node_id: int) -> None:
         node = self._existing(node_id)
+        self._require_store()
         if node.row.state == "dead":
             raise MasterError("FAILED_PRECONDITION", f"node_id: node {node_id} is dead")
         if node.row.state != "alive" or self.job is None or self.job.state not in ACTIVE_JOB_STATES:

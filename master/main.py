@@ -13,6 +13,7 @@ from oobleck.common.logs import setup_logging
 from oobleck.common.tls import InsecureTransportError, TlsConfigError
 from oobleck.common.validate import ConfigError
 from oobleck.master.config import ENV_OVERRIDES, add_config_flags, config_from_sources
+from oobleck.master.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None, *, planner=None) -> int:
         return 2
     try:
         asyncio.run(_serve(config, planner))
-    except (TokenFileError, TlsConfigError, InsecureTransportError, OSError) as exc:
+    except (TokenFileError, TlsConfigError, InsecureTransportError, OSError, StoreError) as exc:
         print(f"oobleck-master: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -29,6 +29,17 @@ class MasterMetrics:
             registry=r,
         )
         self.auth_failures = Counter("oobleck_auth_failures", "RPCs refused for a missing or wrong token", registry=r)
+        self.state_store_ok = Gauge(
+            "oobleck_state_store_ok",
+            "1 while the master can write its state file; 0 while writes fail (state changes are refused)",
+            registry=r,
+        )
+        self.state_write_failures = Counter(
+            "oobleck_state_write_failures",
+            "Writes of the state file that failed (disk full, read-only, I/O)",
+            registry=r,
+        )
+        self.state_store_ok.set(1)
         for state in NODE_STATES:
             self.nodes.labels(state=state).set(0)
         for phase in PHASES:

@@ -187,9 +187,16 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         _text(a.error, "ack.error", max_chars=MAX_TEXT_CHARS * 4, allow_empty=True),
                         phases,
                         _json_text(a.profile_json, "ack.profile_json", MAX_PROFILE_CHARS),
+                        _int(a.step, "ack.step", 0, 1 << 62) if a.HasField("step") else None,
                     )
                 elif kind == "failure":
                     master.on_failure(node, msg.failure.reason[:MAX_TEXT_CHARS])
+                elif kind == "leaving":
+                    await master.on_leaving(
+                        node,
+                        msg.leaving.reason[:MAX_TEXT_CHARS],
+                        _finite(msg.leaving.deadline_s, "leaving.deadline_s", 0.0),
+                    )
                 elif kind == "worker":
                     w = msg.worker
                     master.on_worker_report(

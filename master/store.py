@@ -9,7 +9,9 @@ leaves either all of a change or none of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -133,13 +135,31 @@ class Snapshot:
     last_event_id: int
 
 
+class StoreError(Exception):
+    """A read or write of the state file failed (disk full, read-only, I/O error, corrupt file).
+
+    The message names the file, the operation and SQLite's reason."""
+
+    def __init__(self, path: str, op: str, cause: BaseException) -> None:
+        super().__init__(f"state file {path}: {op} failed: {cause}")
+        self.path, self.op, self.cause = path, op, cause
+
+
 class Store:
     """One SQLite connection, used from one thread only (see :class:`AsyncStore`)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        try:
+            self._open()
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(self.path, "opening", exc) from exc
+
+    def _open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # created private (node nonces)
+            os.close(fd)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -151,7 +171,7 @@ class Store:
             c.execute("INSERT OR IGNORE INTO meta VALUES ('next_command_id', '1')")
         version = int(self._meta("schema_version"))
         if version != SCHEMA_VERSION:
-            raise RuntimeError(f"state_file {self.path!r}: schema version {version}, expected {SCHEMA_VERSION}")
+            raise sqlite3.DatabaseError(f"schema version {version}, this master reads version {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._conn.close()
@@ -166,7 +186,21 @@ class Store:
             return self.conn
 
         def __exit__(self, exc_type, exc, tb) -> None:
-            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                try:
+                    self.conn.execute("COMMIT")
+                    return
+                except BaseException:
+                    self._rollback()  # a COMMIT that failed (disk full) leaves the transaction open
+                    raise
+            self._rollback()
+
+        def _rollback(self) -> None:
+            # SQLite may already have rolled back on its own (SQLITE_FULL, I/O errors): a second
+            # ROLLBACK would fail and hide the original error.
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
 
     def _tx(self) -> Store._Tx:
         return Store._Tx(self._conn)
@@ -323,17 +357,56 @@ class Store:
 
     # -- events ------------------------------------------------------------------------------------
     def _insert_event(self, c: sqlite3.Connection, ev: EventRow) -> None:
+        """Insert ``ev``; an event with an id (the master numbers them) keeps it."""
         cur = c.execute(
-            "INSERT INTO events (unix_time_s, kind, node_id, generation, step, message, durations_json) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (ev.unix_time_s, ev.kind, ev.node_id, ev.generation, ev.step, ev.message, json.dumps(ev.durations_s)),
+            "INSERT OR IGNORE INTO events (id, unix_time_s, kind, node_id, generation, step, message, durations_json) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                ev.id or None,
+                ev.unix_time_s,
+                ev.kind,
+                ev.node_id,
+                ev.generation,
+                ev.step,
+                ev.message,
+                json.dumps(ev.durations_s),
+            ),
         )
-        ev.id = int(cur.lastrowid)
+        if not ev.id:
+            ev.id = int(cur.lastrowid)
 
     def add_event(self, ev: EventRow) -> EventRow:
         with self._tx() as c:
             self._insert_event(c, ev)
         return ev
+
+    def resync(
+        self,
+        job: JobRow | None,
+        nodes: list[NodeRow],
+        acks: list[tuple[int, bool, str]],
+        dead: list[int],
+        events: list[EventRow],
+    ) -> None:
+        """After failed writes: everything the master holds that may not be durable, in ONE
+        transaction (job and progress, every node, buffered acks, dead nodes' commands, events)."""
+        with self._tx() as c:
+            if job is not None:
+                self._save_job(c, job)
+            for node in nodes:
+                self._save_node(c, node)
+            for command_id, ok, error in acks:
+                c.execute(
+                    "UPDATE commands SET acked = 1, ok = ?, error = ? WHERE command_id = ? AND acked = 0",
+                    (int(ok), error, command_id),
+                )
+            for node_id in dead:
+                c.execute(
+                    "UPDATE commands SET acked = 1, ok = 0, error = 'node dead' WHERE node_id = ? AND acked = 0",
+                    (node_id,),
+                )
+            for ev in events:
+                self._insert_event(c, ev)
 
     def events_since(self, since_id: int, limit: int = 10_000) -> list[EventRow]:
         return [
@@ -357,15 +430,27 @@ class AsyncStore:
     async def open(self) -> Snapshot:
         def _open() -> Snapshot:
             self._store = Store(self._path)
-            return self._store.load()
+            try:
+                return self._store.load()
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                raise StoreError(str(self._path), "loading", exc) from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, _open)
 
     async def call(self, method: str, *args: Any) -> Any:
+        """Run ``Store.<method>(*args)`` on the store's thread; SQLite and OS errors become
+        :class:`StoreError` (the caller decides what a failed write means)."""
         store = self._store
         if store is None:
             raise RuntimeError("store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: getattr(store, method)(*args))
+
+        def run() -> Any:
+            try:
+                return getattr(store, method)(*args)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(store.path, method, exc) from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     async def close(self) -> None:
         if self._store is not None:

@@ -261,11 +261,14 @@ class AgentLink:
             ),
         )
 
-    def report_ready(self, generation: int, *, regroup_s: float = 0.0, copy_s: float = 0.0) -> None:
-        """This worker applied the plan of ``generation`` (phase times in seconds)."""
+    def report_ready(self, generation: int, *, regroup_s: float = 0.0, copy_s: float = 0.0, step: int = 0) -> None:
+        """This worker applied the plan of ``generation`` (phase times in seconds) and is ready to
+        train from position ``step`` (steps completed, after any restore)."""
         self._call(
             "ReportReady",
-            worker_pb2.ReportReadyRequest(slot=self.slot, generation=generation, regroup_s=regroup_s, copy_s=copy_s),
+            worker_pb2.ReportReadyRequest(
+                slot=self.slot, generation=generation, regroup_s=regroup_s, copy_s=copy_s, step=step
+            ),
         )
 
     def report_error(self, generation: int, message: str, *, fatal: bool = True) -> None:

@@ -205,6 +205,7 @@ class TrainingEngine:
         device: str | torch.device = "cpu",
         position: DataPosition | None = None,
         interrupt: Callable[[], str | None] | None = None,
+        restore: bool = False,
     ) -> None:
         #: Asked while waiting for the other ranks of a generation to arrive: a reason (a newer
         #: command is waiting: this generation is superseded) ends the wait at once.
@@ -234,8 +235,16 @@ class TrainingEngine:
         self._voted: dict | None = None  # a step whose vote failed here, gradients kept (see train_step)
         self._carried_voted: dict | None = None  # ... as carried into a reconfiguration
         self._last_commit: dict | None = None  # the last committed step and its global squared grad norm
+        self.fresh = True  # see _exchange
         self._setup(plan, rank, init)
-        self._exchange({})
+        try:
+            self._exchange({})
+        except LayersLost as exc:
+            if not restore:
+                raise
+            # The caller restores every layer from a checkpoint (``restore``): keep the process
+            # group, the initial layers are overwritten by the restore.
+            log.warning("rank %d: %s", rank, exc)
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -323,7 +332,11 @@ class TrainingEngine:
         }
         everyone: list[dict | None] = [None] * self.plan.world_size
         dist.all_gather_object(everyone, info)
-        if not any(e["position"] for e in everyone):
+        #: No rank carried any training state into this generation (every process is new): the
+        #: layers are the deterministic initial ones, and the caller restores from the job's
+        #: checkpoint when one exists (never train from scratch past a checkpoint).
+        self.fresh = not any(e["position"] for e in everyone)
+        if self.fresh:
             return {"exchange_s": time.perf_counter() - t0}
         # A step some ranks committed while others lost the end of its vote: those with their
         # gradients kept apply it now (every rank decides the same for every rank).
@@ -647,27 +660,35 @@ class TrainingEngine:
     def save_checkpoint(self, directory: str | Path, wait: bool = True) -> Path:
         """Collective entry (every rank calls it at the same step): copy the layers this rank is
         the lowest holder of to host memory, then write them (in a background thread unless
-        ``wait``); rank 0 writes the manifest once every writer is done. With ``wait`` every rank
-        returns after the checkpoint is complete. Returns the checkpoint's directory."""
+        ``wait``) into this attempt's staging directory; rank 0 publishes the checkpoint once
+        every writer is done (see :mod:`oobleck.common.checkpoint`). With ``wait`` every rank
+        returns after the checkpoint is published. Returns the checkpoint's directory."""
         self.wait_checkpoint()
         directory = Path(directory)
-        root = ckpt.step_dir(directory, self.position.step)
+        step = self.position.step
+        root = ckpt.step_dir(directory, step)
+        # One staging directory per attempt: the job and generation are the same on every rank
+        # of this attempt, and differ for any other attempt at the same step.
+        staging = ckpt.staging_dir(directory, step, f"{self.plan.job_id or 'job'}-g{self.plan.generation}")
         held = [i for i in self.me.layer_indices if self.holders[i][0] == self.rank]
         layers = self.export_layers(held)
         writers = {h[0] for h in self.holders.values()}
         extra = {
+            "job_id": self.plan.job_id,
+            "generation": self.plan.generation,
             "position": self.position.to_dict(),
             "model": self.model_config.key(),
             "seed": self.spec.seed,
             "num_layers": self.model.num_layers,
             "rng_state": base64.b64encode(bytes(torch.get_rng_state().tolist())).decode(),
         }
-        step, rank, timeout = self.position.step, self.rank, self._init.timeout_s
+        rank, timeout = self.rank, self._init.timeout_s
 
         def write() -> None:
-            ckpt.write_layers(root, layers, rank)
+            ckpt.write_layers(staging, layers, rank)
             if rank == 0:
-                ckpt.finish(directory, root, step=step, writers=writers, manifest_extra=extra, timeout_s=timeout)
+                files = ckpt.collect_sidecars(staging, writers, timeout)
+                ckpt.publish(directory, staging, step=step, files=files, manifest_extra=extra)
 
         if wait:
             write()
@@ -698,11 +719,14 @@ class TrainingEngine:
 
     def load_checkpoint(self, path: str | Path) -> DataPosition:
         """Load held layers and the data position from a checkpoint directory (a ``step-*`` one,
-        or the parent: its latest). Works under any plan."""
+        or the parent: its latest). Works under any plan. Raises :class:`ckpt.CheckpointCorrupt`
+        when a file this rank needs does not match the manifest (nothing is changed then), and
+        :class:`ckpt.CheckpointError` when the checkpoint is of another model."""
         manifest, root = ckpt.read_manifest(Path(path))
-        if manifest["num_layers"] != self.model.num_layers or manifest["model"] != self.model_config.key():
-            raise ValueError(f"checkpoint {root}: model differs from the job's model")
-        self.import_layers(ckpt.load_layers(root, manifest, self.me.layer_indices))
+        if manifest.get("num_layers") != self.model.num_layers or manifest.get("model") != self.model_config.key():
+            raise ckpt.CheckpointError(f"checkpoint {root}: model differs from the job's model")
+        layers = ckpt.load_layers(root, manifest, self.me.layer_indices)
+        self.import_layers(layers)
         rng = torch.tensor(list(base64.b64decode(manifest["rng_state"])), dtype=torch.uint8)
         torch.set_rng_state(rng)
         self.position = DataPosition.from_dict(manifest["position"])

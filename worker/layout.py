@@ -43,6 +43,7 @@ class PlanSpec:
     ranks: Mapping[int, tuple[int, ...]]  # node id -> global ranks, one per slot
     gpus_per_node: int = 1
     generation: int = 0
+    job_id: str = ""  # recorded in checkpoints; a restore loads only the job's own
     world_size: int = field(init=False)
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ def plan_from_proto(msg: Any) -> PlanSpec:
         ranks=ranks,
         gpus_per_node=counts.pop(),
         generation=msg.generation,
+        job_id=msg.job_id,
     )
     if msg.world_size and msg.world_size != plan.world_size:
         raise PlanError(f"world_size: {msg.world_size}, but the rank map has {plan.world_size} ranks")

@@ -110,13 +110,20 @@ def choose_device(setting: str, slot: int, cuda_devices: int) -> tuple[str, str]
     return f"cuda:{slot}", "nccl"
 
 
-def _latest_step(directory: str) -> int | None:
-    """Step of the latest complete checkpoint in ``directory``, None if there is none."""
-    try:
-        manifest, _root = ckpt.read_manifest(Path(directory))
-    except ckpt.CheckpointError:
-        return None
-    return int(manifest["step"])
+def restorable_steps(directory: str | None, job_id: str) -> list[int]:
+    """Steps of the complete checkpoints in ``directory`` that belong to job ``job_id`` (a
+    checkpoint or a plan without a job id matches any), newest first."""
+    if not directory:
+        return []
+    steps = []
+    for step in ckpt.complete_steps(directory):
+        try:
+            owner = ckpt.read_manifest(ckpt.step_dir(directory, step))[0].get("job_id") or ""
+        except ckpt.CheckpointError:
+            owner = ""  # unreadable: found corrupt (and set aside) when it is tried
+        if not (owner and job_id and owner != job_id):
+            steps.append(step)
+    return steps
 
 
 class Worker:
@@ -307,7 +314,9 @@ class Worker:
             self.engine.abandon()
             return False
         self.rank = rank
-        restore_s = self._restore(cmd) if cmd.plan.restore_from_checkpoint else 0.0
+        restore_s = self._restore_or_leave(cmd)
+        if restore_s is None:
+            return False
         self._ready(cmd, regroup_s=phases.get("regroup_s", 0.0), copy_s=phases.get("exchange_s", 0.0) + restore_s)
         return True
 
@@ -317,7 +326,15 @@ class Worker:
         init = dist_init_from_proto(cmd.plan, self.backend, self.settings.collective_timeout_s)
         t0 = time.perf_counter()
         try:
-            self.engine = TrainingEngine(self.spec, plan, rank, init, device=self.device, interrupt=self._superseded)
+            self.engine = TrainingEngine(
+                self.spec,
+                plan,
+                rank,
+                init,
+                device=self.device,
+                interrupt=self._superseded,
+                restore=bool(cmd.plan.restore_from_checkpoint),
+            )
         except LayersLost as exc:
             raise WorkerError(f"generation {cmd.generation}: a new process cannot restore lost layers: {exc}") from exc
         except RuntimeError as exc:
@@ -330,31 +347,79 @@ class Worker:
             return False
         self.rank = rank
         regroup_s = time.perf_counter() - t0
-        restore_s = self._restore(cmd) if cmd.plan.restore_from_checkpoint else 0.0
+        restore_s = self._restore_or_leave(cmd)
+        if restore_s is None:
+            return False
         self._ready(cmd, regroup_s=regroup_s, copy_s=restore_s)
         return True
 
+    def _restore_or_leave(self, cmd: WorkerCommand) -> float | None:
+        """Restore when this generation must (see :meth:`_must_restore`); the seconds it took. A
+        restore that fails on a communication error leaves the generation *and drops the engine*:
+        its state may be half restored, so the process joins the next generation as a new one
+        (carrying nothing) rather than offering that state to its peers. None then."""
+        if not self._must_restore(cmd):
+            return 0.0
+        try:
+            return self._restore(cmd)
+        except WorkerError:
+            raise
+        except RuntimeError as exc:
+            log.warning("%s: restoring generation %d failed: %s", self._who(), cmd.generation, exc)
+        engine, self.engine = self.engine, None  # outside the except block (see _step)
+        engine.abandon()
+        engine.close()
+        gc.collect()
+        return None
+
     def _restore(self, cmd: WorkerCommand) -> float:
-        """Load the job's latest checkpoint (the newest step every rank sees complete)."""
+        """Collective: load the newest checkpoint of this job that every rank sees complete and
+        whose files all match its manifest. A corrupt one is reported, set aside (rank 0) and the
+        next older one tried. With no checkpoint at all, a job at step 0 starts fresh."""
         engine, spec = self.engine, self.spec
         t0 = time.perf_counter()
         self._wait_checkpoint()
         directory = spec.checkpoint.dir if spec.checkpoint is not None else None
-        mine = _latest_step(directory) if directory is not None else None
-        seen: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(seen, mine)
-        if any(s is None for s in seen):
+        world = dist.get_world_size()
+        seen: list[Any] = [None] * world
+        dist.all_gather_object(seen, restorable_steps(directory, engine.plan.job_id))
+        # A checkpoint being published right now may be visible to some ranks only.
+        common = sorted(set.intersection(*(set(s) for s in seen)), reverse=True)
+        tried = []
+        for step in common:
+            root = ckpt.step_dir(Path(directory), step)
+            try:
+                engine.load_checkpoint(root)
+                problem = None
+            except ckpt.CheckpointError as exc:
+                problem = (isinstance(exc, ckpt.CheckpointCorrupt), str(exc))
+            problems: list[Any] = [None] * world
+            dist.all_gather_object(problems, problem)
+            bad = [p for p in problems if p is not None]
+            if not bad:
+                log.info("%s: restored the checkpoint of step %d from %s", self._who(), step, directory)
+                return time.perf_counter() - t0
+            tried.append(f"{root.name}: {bad[0][1]}")
+            log.error("%s: checkpoint %s cannot be restored (%s): trying an older one", self._who(), root, bad[0][1])
+            if self.rank == 0 and any(corrupt for corrupt, _ in bad):
+                ckpt.quarantine(directory, root)
+        if tried:
+            raise WorkerError(f"generation {cmd.generation}: no checkpoint could be restored: {'; '.join(tried)}")
+        if engine.position.step != 0:
             where = directory or "the job spec names no checkpoint directory"
-            if engine.position.step != 0:
-                raise WorkerError(
-                    f"generation {cmd.generation}: the plan restores from a checkpoint, but there is none ({where})"
-                )
+            raise WorkerError(
+                f"generation {cmd.generation}: the plan restores from a checkpoint, but there is none ({where})"
+            )
+        if cmd.plan.restore_from_checkpoint:
+            where = directory or "the job spec names no checkpoint directory"
             log.warning("%s: no checkpoint to restore from (%s): starting from step 0", self._who(), where)
-            return time.perf_counter() - t0
-        step = min(seen)  # rank 0 of the old generation may still be finishing a newer one
-        engine.load_checkpoint(ckpt.step_dir(Path(directory), step))
-        log.info("%s: restored the checkpoint of step %d from %s", self._who(), step, directory)
         return time.perf_counter() - t0
+
+    def _must_restore(self, cmd: WorkerCommand) -> bool:
+        """The plan says so, or no rank carried any training state into this generation (every
+        process is new: a generation that replaced a restoring one before it restored, say).
+        Training never starts from scratch while the job has a checkpoint."""
+        return bool(cmd.plan.restore_from_checkpoint) or self.engine.fresh
 
     def _ready(self, cmd: WorkerCommand, *, regroup_s: float, copy_s: float) -> None:
         step = self.engine.position.step
@@ -367,7 +432,7 @@ class Worker:
                 step,
             )
         log.info("%s: ready at step %d (regroup %.3fs, copy %.3fs)", self._who(), step, regroup_s, copy_s)
-        self.link.report_ready(cmd.generation, regroup_s=regroup_s, copy_s=copy_s)
+        self.link.report_ready(cmd.generation, regroup_s=regroup_s, copy_s=copy_s, step=step)
 
     # -- steps ----------------------------------------------------------------------------------
 

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from . import plan_pb2 as oobleck_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16oobleck/v1/agent.proto\x12\noobleck.v1\x1a\x15oobleck/v1/plan.proto\"\xac\x01\n\x0fRegisterRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x04 \x01(\x03\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\t\x12\x12\n\nstore_port\x18\x07 \x01(\x05\x12\x0f\n\x07node_id\x18\x08 \x01(\x03\"\x9a\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x04 \x01(\x01\x12\x15\n\rjob_spec_yaml\x18\x05 \x01(\t\x12\x12\n\ngeneration\x18\x06 \x01(\x03\"`\n\x0cSessionHello\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x17\n\x0flast_generation\x18\x03 \x01(\x03\x12\x17\n\x0flast_command_id\x18\x04 \x01(\x03\"\x18\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x03\"t\n\x0cWorkerReport\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.oobleck.v1.WorkerState\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"d\n\nStepReport\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x03\"/\n\nPhaseTimes\x12\x11\n\tregroup_s\x18\x01 \x01(\x01\x12\x0e\n\x06\x63opy_s\x18\x02 \x01(\x01\"\x8d\x01\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12&\n\x06phases\x18\x05 \x01(\x0b\x32\x16.oobleck.v1.PhaseTimes\x12\x14\n\x0cprofile_json\x18\x06 \x01(\t\"\x1d\n\x0bNodeFailure\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x94\x02\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.oobleck.v1.SessionHelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.oobleck.v1.HeartbeatH\x00\x12*\n\x06worker\x18\x03 \x01(\x0b\x32\x18.oobleck.v1.WorkerReportH\x00\x12&\n\x04step\x18\x04 \x01(\x0b\x32\x16.oobleck.v1.StepReportH\x00\x12%\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x16.oobleck.v1.CommandAckH\x00\x12*\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x17.oobleck.v1.NodeFailureH\x00\x42\x06\n\x04\x62ody\"-\n\x0bReconfigure\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\">\n\x05Start\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\x12\x15\n\rjob_spec_yaml\x18\x02 \x01(\t\"\x16\n\x04Stop\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x16\n\x04Kill\x12\x0e\n\x06reason\x18\x01 \x01(\t\" \n\x07Profile\x12\x15\n\rjob_spec_yaml\x18\x01 \x01(\t\"\x9d\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\"\n\x05start\x18\x03 \x01(\x0b\x32\x11.oobleck.v1.StartH\x00\x12.\n\x0breconfigure\x18\x04 \x01(\x0b\x32\x17.oobleck.v1.ReconfigureH\x00\x12 \n\x04stop\x18\x05 \x01(\x0b\x32\x10.oobleck.v1.StopH\x00\x12\"\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x11.oobleck.v1.DrainH\x00\x12 \n\x04kill\x18\x07 \x01(\x0b\x32\x10.oobleck.v1.KillH\x00\x12&\n\x07profile\x18\x08 \x01(\x0b\x32\x13.oobleck.v1.ProfileH\x00\x42\x06\n\x04\x62ody\"?\n\rMasterMessage\x12&\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.oobleck.v1.CommandH\x00\x42\x06\n\x04\x62ody*\x90\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x18\n\x14WORKER_STATE_RUNNING\x10\x02\x12\x17\n\x13WORKER_STATE_EXITED\x10\x03\x12\x15\n\x11WORKER_STATE_HUNG\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x45\n\x08Register\x12\x1b.oobleck.v1.RegisterRequest\x1a\x1c.oobleck.v1.RegisterResponse\x12\x42\n\x07Session\x12\x18.oobleck.v1.AgentMessage\x1a\x19.oobleck.v1.MasterMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16oobleck/v1/agent.proto\x12\noobleck.v1\x1a\x15oobleck/v1/plan.proto\"\xac\x01\n\x0fRegisterRequest\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x04 \x01(\x03\x12\x18\n\x10software_version\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\t\x12\x12\n\nstore_port\x18\x07 \x01(\x05\x12\x0f\n\x07node_id\x18\x08 \x01(\x03\"\x9a\x01\n\x10RegisterResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x04 \x01(\x01\x12\x15\n\rjob_spec_yaml\x18\x05 \x01(\t\x12\x12\n\ngeneration\x18\x06 \x01(\x03\"`\n\x0cSessionHello\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\r\n\x05nonce\x18\x02 \x01(\t\x12\x17\n\x0flast_generation\x18\x03 \x01(\x03\x12\x17\n\x0flast_command_id\x18\x04 \x01(\x03\"\x18\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x03\"t\n\x0cWorkerReport\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.oobleck.v1.WorkerState\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"d\n\nStepReport\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x03\"/\n\nPhaseTimes\x12\x11\n\tregroup_s\x18\x01 \x01(\x01\x12\x0e\n\x06\x63opy_s\x18\x02 \x01(\x01\"\xa9\x01\n\nCommandAck\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12&\n\x06phases\x18\x05 \x01(\x0b\x32\x16.oobleck.v1.PhaseTimes\x12\x14\n\x0cprofile_json\x18\x06 \x01(\t\x12\x11\n\x04step\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_step\"\x1d\n\x0bNodeFailure\x12\x0e\n\x06reason\x18\x01 \x01(\t\"-\n\x07Leaving\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x12\n\ndeadline_s\x18\x02 \x01(\x01\"\xbc\x02\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.oobleck.v1.SessionHelloH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.oobleck.v1.HeartbeatH\x00\x12*\n\x06worker\x18\x03 \x01(\x0b\x32\x18.oobleck.v1.WorkerReportH\x00\x12&\n\x04step\x18\x04 \x01(\x0b\x32\x16.oobleck.v1.StepReportH\x00\x12%\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x16.oobleck.v1.CommandAckH\x00\x12*\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x17.oobleck.v1.NodeFailureH\x00\x12&\n\x07leaving\x18\x07 \x01(\x0b\x32\x13.oobleck.v1.LeavingH\x00\x42\x06\n\x04\x62ody\"-\n\x0bReconfigure\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\">\n\x05Start\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\x12\x15\n\rjob_spec_yaml\x18\x02 \x01(\t\"\x16\n\x04Stop\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x16\n\x04Kill\x12\x0e\n\x06reason\x18\x01 \x01(\t\" \n\x07Profile\x12\x15\n\rjob_spec_yaml\x18\x01 \x01(\t\"\x9d\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x03\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\"\n\x05start\x18\x03 \x01(\x0b\x32\x11.oobleck.v1.StartH\x00\x12.\n\x0breconfigure\x18\x04 \x01(\x0b\x32\x17.oobleck.v1.ReconfigureH\x00\x12 \n\x04stop\x18\x05 \x01(\x0b\x32\x10.oobleck.v1.StopH\x00\x12\"\n\x05\x64rain\x18\x06 \x01(\x0b\x32\x11.oobleck.v1.DrainH\x00\x12 \n\x04kill\x18\x07 \x01(\x0b\x32\x10.oobleck.v1.KillH\x00\x12&\n\x07profile\x18\x08 \x01(\x0b\x32\x13.oobleck.v1.ProfileH\x00\x42\x06\n\x04\x62ody\"?\n\rMasterMessage\x12&\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.oobleck.v1.CommandH\x00\x42\x06\n\x04\x62ody*\x90\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15WORKER_STATE_STARTING\x10\x01\x12\x18\n\x14WORKER_STATE_RUNNING\x10\x02\x12\x17\n\x13WORKER_STATE_EXITED\x10\x03\x12\x15\n\x11WORKER_STATE_HUNG\x10\x04\x32\x99\x01\n\x0c\x41gentService\x12\x45\n\x08Register\x12\x1b.oobleck.v1.RegisterRequest\x1a\x1c.oobleck.v1.RegisterResponse\x12\x42\n\x07Session\x12\x18.oobleck.v1.AgentMessage\x1a\x19.oobleck.v1.MasterMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'oobleck.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=1812
-  _globals['_WORKERSTATE']._serialized_end=1956
+  _globals['_WORKERSTATE']._serialized_start=1927
+  _globals['_WORKERSTATE']._serialized_end=2071
   _globals['_REGISTERREQUEST']._serialized_start=62
   _globals['_REGISTERREQUEST']._serialized_end=234
   _globals['_REGISTERRESPONSE']._serialized_start=237
@@ -49,27 +49,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PHASETIMES']._serialized_start=737
   _globals['_PHASETIMES']._serialized_end=784
   _globals['_COMMANDACK']._serialized_start=787
-  _globals['_COMMANDACK']._serialized_end=928
-  _globals['_NODEFAILURE']._serialized_start=930
-  _globals['_NODEFAILURE']._serialized_end=959
-  _globals['_AGENTMESSAGE']._serialized_start=962
-  _globals['_AGENTMESSAGE']._serialized_end=1238
-  _globals['_RECONFIGURE']._serialized_start=1240
-  _globals['_RECONFIGURE']._serialized_end=1285
-  _globals['_START']._serialized_start=1287
-  _globals['_START']._serialized_end=1349
-  _globals['_STOP']._serialized_start=1351
-  _globals['_STOP']._serialized_end=1373
-  _globals['_DRAIN']._serialized_start=1375
-  _globals['_DRAIN']._serialized_end=1398
-  _globals['_KILL']._serialized_start=1400
-  _globals['_KILL']._serialized_end=1422
-  _globals['_PROFILE']._serialized_start=1424
-  _globals['_PROFILE']._serialized_end=1456
-  _globals['_COMMAND']._serialized_start=1459
-  _globals['_COMMAND']._serialized_end=1744
-  _globals['_MASTERMESSAGE']._serialized_start=1746
-  _globals['_MASTERMESSAGE']._serialized_end=1809
-  _globals['_AGENTSERVICE']._serialized_start=1959
-  _globals['_AGENTSERVICE']._serialized_end=2112
+  _globals['_COMMANDACK']._serialized_end=956
+  _globals['_NODEFAILURE']._serialized_start=958
+  _globals['_NODEFAILURE']._serialized_end=987
+  _globals['_LEAVING']._serialized_start=989
+  _globals['_LEAVING']._serialized_end=1034
+  _globals['_AGENTMESSAGE']._serialized_start=1037
+  _globals['_AGENTMESSAGE']._serialized_end=1353
+  _globals['_RECONFIGURE']._serialized_start=1355
+  _globals['_RECONFIGURE']._serialized_end=1400
+  _globals['_START']._serialized_start=1402
+  _globals['_START']._serialized_end=1464
+  _globals['_STOP']._serialized_start=1466
+  _globals['_STOP']._serialized_end=1488
+  _globals['_DRAIN']._serialized_start=1490
+  _globals['_DRAIN']._serialized_end=1513
+  _globals['_KILL']._serialized_start=1515
+  _globals['_KILL']._serialized_end=1537
+  _globals['_PROFILE']._serialized_start=1539
+  _globals['_PROFILE']._serialized_end=1571
+  _globals['_COMMAND']._serialized_start=1574
+  _globals['_COMMAND']._serialized_end=1859
+  _globals['_MASTERMESSAGE']._serialized_start=1861
+  _globals['_MASTERMESSAGE']._serialized_end=1924
+  _globals['_AGENTSERVICE']._serialized_start=2074
+  _globals['_AGENTSERVICE']._serialized_end=2227
 # @@protoc_insertion_point(module_scope)

@@ -111,20 +111,22 @@ class PhaseTimes(_message.Message):
     def __init__(self, regroup_s: _Optional[float] = ..., copy_s: _Optional[float] = ...) -> None: ...
 
 class CommandAck(_message.Message):
-    __slots__ = ("command_id", "generation", "ok", "error", "phases", "profile_json")
+    __slots__ = ("command_id", "generation", "ok", "error", "phases", "profile_json", "step")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     command_id: int
     generation: int
     ok: bool
     error: str
     phases: PhaseTimes
     profile_json: str
-    def __init__(self, command_id: _Optional[int] = ..., generation: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ..., profile_json: _Optional[str] = ...) -> None: ...
+    step: int
+    def __init__(self, command_id: _Optional[int] = ..., generation: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., phases: _Optional[_Union[PhaseTimes, _Mapping]] = ..., profile_json: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class NodeFailure(_message.Message):
     __slots__ = ("reason",)
@@ -132,21 +134,31 @@ class NodeFailure(_message.Message):
     reason: str
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
+class Leaving(_message.Message):
+    __slots__ = ("reason", "deadline_s")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    deadline_s: float
+    def __init__(self, reason: _Optional[str] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "worker", "step", "ack", "failure")
+    __slots__ = ("hello", "heartbeat", "worker", "step", "ack", "failure", "leaving")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     hello: SessionHello
     heartbeat: Heartbeat
     worker: WorkerReport
     step: StepReport
     ack: CommandAck
     failure: NodeFailure
-    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker: _Optional[_Union[WorkerReport, _Mapping]] = ..., step: _Optional[_Union[StepReport, _Mapping]] = ..., ack: _Optional[_Union[CommandAck, _Mapping]] = ..., failure: _Optional[_Union[NodeFailure, _Mapping]] = ...) -> None: ...
+    leaving: Leaving
+    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., worker: _Optional[_Union[WorkerReport, _Mapping]] = ..., step: _Optional[_Union[StepReport, _Mapping]] = ..., ack: _Optional[_Union[CommandAck, _Mapping]] = ..., failure: _Optional[_Union[NodeFailure, _Mapping]] = ..., leaving: _Optional[_Union[Leaving, _Mapping]] = ...) -> None: ...
 
 class Reconfigure(_message.Message):
     __slots__ = ("plan",)

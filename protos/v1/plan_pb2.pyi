@@ -65,7 +65,7 @@ class Endpoint(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("generation", "templates", "pipelines", "ranks", "copies", "rendezvous", "resume_step", "world_size", "restore_from_checkpoint")
+    __slots__ = ("generation", "templates", "pipelines", "ranks", "copies", "rendezvous", "resume_step", "world_size", "restore_from_checkpoint", "job_id")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     PIPELINES_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class Plan(_message.Message):
     RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     generation: int
     templates: _containers.RepeatedCompositeFieldContainer[Template]
     pipelines: _containers.RepeatedCompositeFieldContainer[Pipeline]
@@ -84,4 +85,5 @@ class Plan(_message.Message):
     resume_step: int
     world_size: int
     restore_from_checkpoint: bool
-    def __init__(self, generation: _Optional[int] = ..., templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ..., pipelines: _Optional[_Iterable[_Union[Pipeline, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[NodeRanks, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[LayerCopy, _Mapping]]] = ..., rendezvous: _Optional[_Union[Endpoint, _Mapping]] = ..., resume_step: _Optional[int] = ..., world_size: _Optional[int] = ..., restore_from_checkpoint: _Optional[bool] = ...) -> None: ...
+    job_id: str
+    def __init__(self, generation: _Optional[int] = ..., templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ..., pipelines: _Optional[_Iterable[_Union[Pipeline, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[NodeRanks, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[LayerCopy, _Mapping]]] = ..., rendezvous: _Optional[_Union[Endpoint, _Mapping]] = ..., resume_step: _Optional[int] = ..., world_size: _Optional[int] = ..., restore_from_checkpoint: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...

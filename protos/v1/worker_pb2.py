@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import plan_pb2 as oobleck_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17oobleck/v1/worker.proto\x12\noobleck.v1\x1a\x15oobleck/v1/plan.proto\"*\n\rAttachRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"U\n\x0bWorkerStart\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\x12\x15\n\rjob_spec_yaml\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\x03\"3\n\x11WorkerReconfigure\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\"\x1c\n\nWorkerStop\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb3\x01\n\rWorkerCommand\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x17.oobleck.v1.WorkerStartH\x00\x12\x34\n\x0breconfigure\x18\x03 \x01(\x0b\x32\x1d.oobleck.v1.WorkerReconfigureH\x00\x12&\n\x04stop\x18\x04 \x01(\x0b\x32\x16.oobleck.v1.WorkerStopH\x00\x42\x06\n\x04\x62ody\"3\n\x16WorkerHeartbeatRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\x19\n\x17WorkerHeartbeatResponse\"y\n\x11ReportStepRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x05 \x01(\x01\x12\x0f\n\x07samples\x18\x06 \x01(\x03\"\x14\n\x12ReportStepResponse\"Y\n\x12ReportReadyRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tregroup_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63opy_s\x18\x04 \x01(\x01\"\x15\n\x13ReportReadyResponse\"V\n\x12ReportErrorRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x04 \x01(\x08\"\x15\n\x13ReportErrorResponse2\x94\x03\n\rWorkerService\x12@\n\x06\x41ttach\x12\x19.oobleck.v1.AttachRequest\x1a\x19.oobleck.v1.WorkerCommand0\x01\x12T\n\tHeartbeat\x12\".oobleck.v1.WorkerHeartbeatRequest\x1a#.oobleck.v1.WorkerHeartbeatResponse\x12K\n\nReportStep\x12\x1d.oobleck.v1.ReportStepRequest\x1a\x1e.oobleck.v1.ReportStepResponse\x12N\n\x0bReportReady\x12\x1e.oobleck.v1.ReportReadyRequest\x1a\x1f.oobleck.v1.ReportReadyResponse\x12N\n\x0bReportError\x12\x1e.oobleck.v1.ReportErrorRequest\x1a\x1f.oobleck.v1.ReportErrorResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17oobleck/v1/worker.proto\x12\noobleck.v1\x1a\x15oobleck/v1/plan.proto\"*\n\rAttachRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"U\n\x0bWorkerStart\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\x12\x15\n\rjob_spec_yaml\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\x03\"3\n\x11WorkerReconfigure\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.oobleck.v1.Plan\"\x1c\n\nWorkerStop\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb3\x01\n\rWorkerCommand\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x17.oobleck.v1.WorkerStartH\x00\x12\x34\n\x0breconfigure\x18\x03 \x01(\x0b\x32\x1d.oobleck.v1.WorkerReconfigureH\x00\x12&\n\x04stop\x18\x04 \x01(\x0b\x32\x16.oobleck.v1.WorkerStopH\x00\x42\x06\n\x04\x62ody\"3\n\x16WorkerHeartbeatRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\x19\n\x17WorkerHeartbeatResponse\"y\n\x11ReportStepRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x05 \x01(\x01\x12\x0f\n\x07samples\x18\x06 \x01(\x03\"\x14\n\x12ReportStepResponse\"u\n\x12ReportReadyRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x11\n\tregroup_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63opy_s\x18\x04 \x01(\x01\x12\x11\n\x04step\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_step\"\x15\n\x13ReportReadyResponse\"V\n\x12ReportErrorRequest\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x04 \x01(\x08\"\x15\n\x13ReportErrorResponse2\x94\x03\n\rWorkerService\x12@\n\x06\x41ttach\x12\x19.oobleck.v1.AttachRequest\x1a\x19.oobleck.v1.WorkerCommand0\x01\x12T\n\tHeartbeat\x12\".oobleck.v1.WorkerHeartbeatRequest\x1a#.oobleck.v1.WorkerHeartbeatResponse\x12K\n\nReportStep\x12\x1d.oobleck.v1.ReportStepRequest\x1a\x1e.oobleck.v1.ReportStepResponse\x12N\n\x0bReportReady\x12\x1e.oobleck.v1.ReportReadyRequest\x1a\x1f.oobleck.v1.ReportReadyResponse\x12N\n\x0bReportError\x12\x1e.oobleck.v1.ReportErrorRequest\x1a\x1f.oobleck.v1.ReportErrorResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,13 +51,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTSTEPRESPONSE']._serialized_start=661
   _globals['_REPORTSTEPRESPONSE']._serialized_end=681
   _globals['_REPORTREADYREQUEST']._serialized_start=683
-  _globals['_REPORTREADYREQUEST']._serialized_end=772
-  _globals['_REPORTREADYRESPONSE']._serialized_start=774
-  _globals['_REPORTREADYRESPONSE']._serialized_end=795
-  _globals['_REPORTERRORREQUEST']._serialized_start=797
-  _globals['_REPORTERRORREQUEST']._serialized_end=883
-  _globals['_REPORTERRORRESPONSE']._serialized_start=885
-  _globals['_REPORTERRORRESPONSE']._serialized_end=906
-  _globals['_WORKERSERVICE']._serialized_start=909
-  _globals['_WORKERSERVICE']._serialized_end=1313
+  _globals['_REPORTREADYREQUEST']._serialized_end=800
+  _globals['_REPORTREADYRESPONSE']._serialized_start=802
+  _globals['_REPORTREADYRESPONSE']._serialized_end=823
+  _globals['_REPORTERRORREQUEST']._serialized_start=825
+  _globals['_REPORTERRORREQUEST']._serialized_end=911
+  _globals['_REPORTERRORRESPONSE']._serialized_start=913
+  _globals['_REPORTERRORRESPONSE']._serialized_end=934
+  _globals['_WORKERSERVICE']._serialized_start=937
+  _globals['_WORKERSERVICE']._serialized_end=1341
 # @@protoc_insertion_point(module_scope)

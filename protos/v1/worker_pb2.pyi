@@ -81,16 +81,18 @@ class ReportStepResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReportReadyRequest(_message.Message):
-    __slots__ = ("slot", "generation", "regroup_s", "copy_s")
+    __slots__ = ("slot", "generation", "regroup_s", "copy_s", "step")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     REGROUP_S_FIELD_NUMBER: _ClassVar[int]
     COPY_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     slot: int
     generation: int
     regroup_s: float
     copy_s: float
-    def __init__(self, slot: _Optional[int] = ..., generation: _Optional[int] = ..., regroup_s: _Optional[float] = ..., copy_s: _Optional[float] = ...) -> None: ...
+    step: int
+    def __init__(self, slot: _Optional[int] = ..., generation: _Optional[int] = ..., regroup_s: _Optional[float] = ..., copy_s: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ReportReadyResponse(_message.Message):
     __slots__ = ()

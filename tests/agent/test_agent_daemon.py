@@ -187,13 +187,47 @@ def test_blocked_but_heartbeating_worker_is_not_hung(master, start_agent):
     assert not master.events("worker", after=0) or all(e.msg.state != HUNG for e in master.events("worker"))
 
 
-def test_sigterm_stops_workers(master, start_agent):
+def test_sigterm_is_a_leave_notice_and_the_agent_exits_once_drained(master, start_agent):
+    """A pre-emption notice: the agent asks the master to drain its node and keeps its workers
+    training until the master's Drain stops them (a step boundary), then acks it and exits 0."""
+    agent = start_agent()
+    info = registered(master, agent)
+    pids = start_workers(master, info)
+    mark = master.mark()
+    agent.proc.send_signal(signal.SIGTERM)
+    leaving = master.wait_for("leaving", after=mark)[0].msg
+    assert "SIGTERM" in leaving.reason and leaving.deadline_s == 30
+    assert agent.proc.poll() is None and all(not wait_pid_gone(pid, 0) for pid in pids.values())
+    # While leaving, the node takes no new work.
+    master.send(start_command(2, 2, make_plan(2, [info["node_id"]], 2, info["store_port"])))
+    refused = master.wait_for("ack", lambda a: a.command_id == 2, after=mark)[0].msg
+    assert not refused.ok and "leaving" in refused.error
+    master.send(agent_pb2.Command(command_id=3, generation=2, drain=agent_pb2.Drain(reason="node leaving")))
+    assert master.wait_for("ack", lambda a: a.command_id == 3, after=mark)[0].msg.ok
+    assert agent.wait() == 0
+    assert_all_gone(pids.values(), timeout_s=1)
+    assert "drained: leaving" in agent.log()
+
+
+def test_a_second_sigterm_or_no_leave_timeout_stops_at_once(master, start_agent):
     agent = start_agent()
     pids = start_workers(master, registered(master, agent))
+    mark = master.mark()
+    agent.proc.send_signal(signal.SIGTERM)
+    master.wait_for("leaving", after=mark)
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.wait() == 0
     assert_all_gone(pids.values(), timeout_s=1)
     assert "shutting down" in agent.log()
+
+    mark = master.mark()
+    agent = start_agent("--leave-timeout-s", "0")
+    master.wait_for("hello", after=mark)
+    pids = start_workers(master, json.loads(agent.ready_file.read_text()))
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.wait() == 0
+    assert_all_gone(pids.values(), timeout_s=1)
+    assert not master.events("leaving", after=mark)
 
 
 def test_killed_agent_takes_its_workers_along(master, start_agent):
@@ -312,8 +346,7 @@ def test_parent_death_signal_kills_a_worker_that_never_attached(master, start_ag
     info = registered(master, agent)
     mark = master.mark()
     master.send(start_command(1, 1, make_plan(1, [info["node_id"]], 1, info["store_port"])))
-    assert master.wait_for("ack", after=mark)[0].msg.ok
-    pid = master.wait_for("worker", after=mark)[0].msg.pid
+    pid = master.wait_for("worker", after=mark)[0].msg.pid  # spawned; never ready, so never acked
     assert not wait_pid_gone(pid, 0)
     agent.proc.send_signal(signal.SIGKILL)
     agent.wait()

@@ -108,6 +108,15 @@ def test_gpu_memory_from_nvidia_smi():
         (WorkerProbe(0.0, 99.9, None, "t"), Verdict.HUNG, "stopped"),
         (WorkerProbe(80.0, None, None, "R"), Verdict.ALIVE, "starting"),
         (WorkerProbe(60.0, None, None, "R"), Verdict.HUNG, "no heartbeat"),
+        # Start-up (importing torch on a loaded machine starves the heartbeat thread): silence
+        # within startup_timeout_s of the spawn is not a hang until the worker reported ready...
+        (WorkerProbe(80.0, 85.0, None, "R"), Verdict.ALIVE, "starting"),
+        # ... once ready, the heartbeat rule applies at once ...
+        (WorkerProbe(80.0, 90.0, None, "R", ready=True), Verdict.HUNG, "heartbeat silent for 10.0s"),
+        # ... and past the allowance it applies even when the worker never got ready.
+        (WorkerProbe(60.0, 65.0, None, "R"), Verdict.HUNG, "heartbeat silent for 35.0s"),
+        (WorkerProbe(60.0, 99.5, None, "S"), Verdict.ALIVE, "heartbeating"),
+        (WorkerProbe(80.0, None, None, "T"), Verdict.HUNG, "stopped"),
         (WorkerProbe(0.0, 99.0, 3, None), Verdict.EXITED, "status 3"),
         (WorkerProbe(0.0, 99.0, -9, None), Verdict.EXITED, "signal 9"),
         (WorkerProbe(0.0, 10.0, 0, None), Verdict.FINISHED, "status 0"),

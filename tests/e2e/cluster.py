@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,12 @@ class Cluster:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.master_args: list[str] = []  # extra master flags, set before start()
+        self.master_prefix: list[str] = []  # a command the master runs under (e.g. unshare)
+        self.state_file = root / "master.db"
+        self.agent_args: list[str] = []  # extra agent flags, set before start()
         self.agent_env: dict[str, str] = {}  # extra environment of agents (and their workers)
+        self.grpc_port = 0
+        self.http_port = 0
         self.master: Daemon | None = None
         self.agents: dict[str, Daemon] = {}
         self._channel: grpc.Channel | None = None
@@ -150,11 +156,23 @@ class Cluster:
     def start(self, nodes: int, timeout_s: float = 60.0) -> None:
         """Start the master, then ``nodes`` agents (node0, node1, ...); wait until all registered."""
         deadline = time.monotonic() + timeout_s
+        self.start_master(deadline=deadline)
+        for i in range(nodes):
+            self.spawn_agent(f"node{i}")
+        for daemon in self.agents.values():
+            self._wait_ready(daemon, deadline)
+        self.wait_nodes(lambda ns: len(ns) == nodes, f"{nodes} registered nodes", deadline - time.monotonic())
+
+    def start_master(self, *, deadline: float | None = None) -> dict:
+        """Start the master (again: on the port of its first life, so the agents' configured
+        address still works, and on the same state file) and wait until it is ready."""
+        deadline = deadline or time.monotonic() + 60
         self.master = self._spawn(
             "master",
             [
-                str(MASTER), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-                "--state-file", str(self.root / "master.db"),
+                *self.master_prefix,
+                str(MASTER), "--listen", f"127.0.0.1:{self.grpc_port}", "--http-listen", f"127.0.0.1:{self.http_port}",
+                "--state-file", str(self.state_file),
                 "--token-file", str(self.root / "agent.token"), "--admin-token-file", str(self.root / "admin.token"),
                 "--heartbeat-interval-s", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout-s", str(self.heartbeat_timeout_s),
@@ -162,14 +180,25 @@ class Cluster:
             ],
         )  # fmt: skip
         info = self._wait_ready(self.master, deadline)
-        self.target = f"127.0.0.1:{info['grpc_port']}"
+        self.grpc_port, self.http_port = int(info["grpc_port"]), int(info.get("http_port") or 0)
+        self.target = f"127.0.0.1:{self.grpc_port}"
+        if self._channel is not None:
+            self._channel.close()
         self._channel = sync_channel(self.target, token=ADMIN_TOKEN)
         self.admin = admin_pb2_grpc.AdminServiceStub(self._channel)
-        for i in range(nodes):
-            self.spawn_agent(f"node{i}")
-        for daemon in self.agents.values():
-            self._wait_ready(daemon, deadline)
-        self.wait_nodes(lambda ns: len(ns) == nodes, f"{nodes} registered nodes", deadline - time.monotonic())
+        return info
+
+    def kill_master(self) -> None:
+        """``kill -9`` of the master (its process group); agents and workers go on."""
+        assert self.master is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.master.pid, signal.SIGKILL)
+        self.master.proc.wait(timeout=10)
+
+    def http_json(self, path: str) -> dict:
+        """GET ``path`` on the master's HTTP port (loopback), parsed as JSON."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
+            return json.loads(response.read())
 
     def spawn_agent(self, name: str) -> Daemon:
         """Start an agent (one slot) against the running master; :meth:`stop` stops it too."""
@@ -180,6 +209,7 @@ class Cluster:
             [
                 str(AGENT), "--master", self.target, "--token-file", str(self.root / "agent.token"),
                 "--node-name", name, "--slots", "1", "--work-dir", str(work), "--stop-timeout-s", "5",
+                *self.agent_args,
             ],
             env={**WORKER_ENV, **self.agent_env},
         )  # fmt: skip
@@ -216,6 +246,17 @@ class Cluster:
                 raise AssertionError(f"job ended while waiting for {what}: {status}\n{self.logs()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}; last status: {status}\n{self.logs()}")
+            time.sleep(POLL_S)
+
+    def wait(self, predicate, what: str, timeout_s: float = 60.0):
+        """Poll ``predicate()`` until it returns something true (returned), with a deadline."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = predicate()
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
             time.sleep(POLL_S)
 
     def wait_nodes(self, predicate, what: str, timeout_s: float = 60.0):

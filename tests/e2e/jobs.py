@@ -54,3 +54,21 @@ def assert_final_checkpoint_matches_reference(spec: JobSpec) -> None:
         assert set(params) == set(ref_params), f"layer {layer}"
         for name, value in params.items():
             torch.testing.assert_close(value, ref_params[name], rtol=1e-4, atol=1e-5, msg=f"layer {layer} {name}")
+
+
+def assert_checkpoints_intact(spec: JobSpec) -> list[int]:
+    """Every complete checkpoint of the job matches its manifest and ``latest`` names the newest;
+    returns their steps, newest first."""
+    from oobleck.common import checkpoint as ck
+
+    directory = Path(spec.checkpoint.dir)
+    assert ck.audit(directory) == []
+    return ck.complete_steps(directory)
+
+
+def trained_steps(log_text: str) -> list[tuple[int, int, float]]:
+    """``(generation, step, loss)`` of every step a node's worker committed, in order."""
+    import re
+
+    pattern = r"slot 0 rank \d+ gen (\d+): step (\d+)/\d+ loss ([0-9.]+)"
+    return [(int(g), int(s), float(loss)) for g, s, loss in re.findall(pattern, log_text)]

@@ -173,6 +173,7 @@ class FakeAgent:
     commands: list = field(default_factory=list)
     session_error: grpc.StatusCode | None = None
     profile_reply: str | None = None  # a Profile command's ack carries this; None: nack it
+    ready_step: int | None = None  # start / reconfigure acks carry this position (None: no step)
 
     def __post_init__(self) -> None:
         self._channel = aio_channel(self.target, token=self.token, tls=self.tls)
@@ -243,6 +244,8 @@ class FakeAgent:
             ok=ok,
             phases=agent_pb2.PhaseTimes(regroup_s=regroup_s, copy_s=copy_s),
         )
+        if cmd.WhichOneof("body") in ("start", "reconfigure") and self.ready_step is not None:
+            ack.step = self.ready_step
         if cmd.WhichOneof("body") == "profile":
             if self.profile_reply is None:
                 ack.ok, ack.error = False, "profile: no profiler on this fake node"

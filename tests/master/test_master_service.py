@@ -308,15 +308,75 @@ def test_too_few_nodes_pauses_and_a_new_node_resumes_from_checkpoint(tmp_path):
             status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
             assert "need at least 2 nodes" in status.reason
             assert agents[0].kinds() == ["start", "stop"]
-            new = await FakeAgent(srv.target, "new").start()
+            agents[0].ready_step = 5  # the workers restore the checkpoint of step 5
+            new = await FakeAgent(srv.target, "new", ready_step=5).start()
             await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 2)
             start = next(c for c in new.commands if c.WhichOneof("body") == "start")
-            assert start.start.plan.restore_from_checkpoint
-            # The master does not know the checkpoint's step: it starts from 0 and follows reports.
-            assert start.start.plan.resume_step == 0 and srv.master.job.step == 0
+            assert start.start.plan.restore_from_checkpoint and start.start.plan.job_id == srv.master.job.job_id
+            # The master does not read checkpoints: the restored position comes with the acks
+            # (ready means restored), and the step counter follows it back from 7 to 5.
+            assert start.start.plan.resume_step == 0 and srv.master.job.step == 5
+            assert "restore_pending" not in srv.master.job.plan_json
             await new.send(step=agent_pb2.StepReport(generation=2, step=6, loss=2.1, samples_per_s=1.0))
             await wait_until(lambda: srv.master.job.step == 6)
+            log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+            running = [e.message for e in log if e.kind == "running"]
+            assert running[-1] == "all nodes acked generation 2 (restored at step 5)", running
             await close_all([*agents, new], channel)
+
+    run(body())
+
+
+def test_a_restore_obligation_outlives_the_generation_that_had_it(tmp_path):
+    """A restoring generation is replaced before its workers report ready (a node dies during
+    the restore): the next generation restores too, whatever replaced what; the obligation ends
+    when a generation's acks report the restored position, and later generations do not restore."""
+
+    async def body():
+        planner = make_fake_planner(nodes_per_pipeline=2)
+        async with running_master(tmp_path, planner=planner, scale_up=False) as srv:
+            agents = await start_agents(srv, 2)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            await agents[0].send(step=agent_pb2.StepReport(generation=1, step=9, loss=2.0, samples_per_s=1.0))
+            await wait_until(lambda: srv.master.job.step == 9)
+            await agents[1].drop_session()
+            await wait_until(lambda: state_of(srv) == "PAUSED")
+            # Six new nodes, registered together (the plan lock held meanwhile: the restore sees
+            # them all); nobody acks yet (restoring takes a while).
+            agents[0].auto_ack = False
+            async with srv.master._plan_lock:
+                new = [await FakeAgent(srv.target, f"new{i}", auto_ack=False).start() for i in range(6)]
+            await wait_until(lambda: srv.master.generation == 2 and len(srv.master.pipelines) == 3)
+            assert state_of(srv) == "STARTING" and srv.master.job.plan_json["restore_pending"] is True
+            in_plan = {n for p in srv.master.pipelines for n in p}
+            victim = next(a for a in new if a.node_id in in_plan)
+            await victim.drop_session()
+            await wait_until(lambda: srv.master.generation == 3, what="generation 3")
+            survivors = [a for a in [agents[0], *new] if a is not victim and a.node_id in in_plan]
+            await wait_until(lambda: all(a.commands and a.commands[-1].generation == 3 for a in survivors))
+            for a in survivors:
+                body_ = a.commands[-1].WhichOneof("body")
+                assert getattr(a.commands[-1], body_).plan.restore_from_checkpoint, (a.name, body_)
+            assert srv.master.job.plan_json["restore_pending"] is True
+            for a in [agents[0], *new]:
+                if a is not victim:
+                    a.ready_step = 5
+                    a.auto_ack = True
+                    for cmd in a.commands:
+                        await a.ack(cmd)
+            await wait_until(lambda: state_of(srv) == "RUNNING" and srv.master.generation == 3)
+            assert srv.master.job.step == 5 and "restore_pending" not in srv.master.job.plan_json
+            # A later failure is an ordinary reconfiguration: layers are copied, nothing restored.
+            plan_nodes = {n for p in srv.master.pipelines for n in p}
+            other = next(a for a in new if a is not victim and a.node_id in plan_nodes)
+            await other.drop_session()
+            await wait_until(lambda: srv.master.generation == 4 and state_of(srv) == "RUNNING")
+            recon = [a.commands[-1] for a in [agents[0], *new] if a.commands and a.commands[-1].generation == 4]
+            assert recon and all(c.WhichOneof("body") == "reconfigure" for c in recon), recon
+            assert not any(c.reconfigure.plan.restore_from_checkpoint for c in recon)
+            await close_all([*agents, *new], channel)
 
     run(body())
 

@@ -55,13 +55,13 @@ def test_checksum_and_missing_manifest(tmp_path: Path) -> None:
 
     path = root / ckpt.layer_file(0)
     torch.save({"param.w": torch.ones(2)}, path)
-    manifest = {"format": ckpt.FORMAT, "layers": {"0": {"file": path.name, "sha256": ckpt._sha256(path)}}}
+    manifest = {"format": ckpt.FORMAT, "layers": {"0": {"file": path.name, "sha256": ckpt.sha256_file(path)}}}
     (root / ckpt.MANIFEST).write_text(json.dumps(manifest))
     loaded, where = ckpt.read_manifest(root)
     assert where == root
     assert torch.equal(ckpt.load_layers(root, loaded, [0])[0]["param.w"], torch.ones(2))
     torch.save({"param.w": torch.zeros(2)}, path)
-    with pytest.raises(ckpt.CheckpointError, match="checksum mismatch"):
+    with pytest.raises(ckpt.CheckpointCorrupt, match="checksum mismatch"):
         ckpt.load_layers(root, loaded, [0])
     with pytest.raises(ckpt.CheckpointError, match="layer 1 missing"):
         ckpt.load_layers(root, loaded, [1])
