@@ -364,6 +364,9 @@ class Agent:
                 backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
 
     async def _on_registered(self, response: agent_pb2.RegisterResponse) -> None:
+        if self.node_id and response.node_id != self.node_id and self._leaving:
+            # Declared dead while leaving: this node is going away, it does not join again.
+            raise ShutdownRequested()
         if self.node_id and response.node_id != self.node_id:
             # The master declared this node dead or lost its state: a new node to it, whose
             # command ids and generations start afresh. Messages still queued belong to the old

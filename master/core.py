@@ -840,6 +840,7 @@ class Master:
             for n in self.nodes.values()
             if n.row.state == "spare"
             and n.failed_reason is None
+            and not n.leaving
             and n.session is not None
             and n.row.slots in plan_slots
         )
@@ -891,7 +892,7 @@ class Master:
         return [
             planning.NodeInfo(n.row.node_id, n.row.address, n.row.slots, n.row.gpu_memory_bytes, n.row.store_port)
             for n in sorted(self.nodes.values(), key=lambda n: n.row.node_id)
-            if n.row.state in ("alive", "spare") and n.failed_reason is None
+            if n.row.state in ("alive", "spare") and n.failed_reason is None and not n.leaving
         ]
 
     def _cluster_params(self) -> planning.ClusterParams:

@@ -183,6 +183,35 @@ def plan_copies(
     return out, copy_ms[0], tuple(restore[i] for i in range(n_restore[0]))
 
 
+def _lay_out(
+    mix: Sequence[int], candidates: Sequence[Sequence[int]], pool: Sequence[int]
+) -> tuple[list[list[int]], list[int]]:
+    """Place a mix of pipeline sizes on nodes, moving as few layers as possible: each candidate
+    pipeline (in order) whose size is still wanted is kept as it is; the nodes of the other
+    candidates (in stage order), then ``pool``, fill the remaining pipelines, smallest first.
+    Returns the pipelines (by size, kept ones first within a size) and the nodes left over."""
+    wanted: dict[int, int] = {}
+    for size in mix:
+        wanted[size] = wanted.get(size, 0) + 1
+    kept: list[list[int]] = []
+    rest: list[int] = []
+    for p in candidates:
+        if wanted.get(len(p), 0) > 0:
+            wanted[len(p)] -= 1
+            kept.append(list(p))
+        else:
+            rest.extend(p)
+    rest.extend(pool)
+    filled: list[list[int]] = []
+    for size in sorted(wanted):
+        for _ in range(wanted[size]):
+            filled.append(rest[:size])
+            rest = rest[size:]
+    both = kept + filled
+    order = sorted(range(len(both)), key=lambda i: (len(both[i]), i))
+    return [both[i] for i in order], rest
+
+
 def _sizes_text(sizes: Sequence[int]) -> str:
     sizes = sorted(sizes)
     if sizes and sizes == list(range(sizes[0], sizes[-1] + 1)):
@@ -221,8 +250,20 @@ def reconfigure(
     if bad:
         survivors = sorted(n for p in new for n in p)
         inst = instantiate(templates, profile, cluster, survivors, microbatches=microbatches)
-        plans = inst.pipelines
-        spares = inst.spares
+        # The mix instantiate picks, laid out to move as few layers as possible: old pipelines that
+        # lost no node keep their nodes; the survivors of the others (in stage order) fill the
+        # remaining pipelines. Left-out nodes (spares) leave the job's process group, so they can
+        # be no copy source: keeping intact pipelines keeps every layer on a node that stays.
+        intact = [p for p in old if not set(p) & lost_set]
+        pool = [n for p in old if set(p) & lost_set for n in p if n not in lost_set]
+        new, spares = _lay_out([p.template_nodes for p in inst.pipelines], intact, pool)
+        spares = tuple(sorted(spares))
+        by_size = {t.num_nodes: t for t in templates.templates}
+        shares, times = distribute_with_times([by_size[len(p)] for p in new], microbatches)
+        plans = tuple(
+            PipelinePlan(template_nodes=len(p), nodes=tuple(p), microbatches=m, estimated_ms=ms)
+            for p, m, ms in zip(new, shares, times, strict=True)
+        )
         reason = (
             f"pipeline {bad[0]} has {len(bad[0])} nodes and no template has that size "
             f"(sizes {_sizes_text(sizes)}): re-instantiated on the {len(survivors)} surviving nodes"
@@ -246,7 +287,8 @@ def reconfigure(
             else f"no pipeline lost a node; {len(plans)} pipelines of sizes {[len(p) for p in new]}"
         )
     after = _holdings([list(p.nodes) for p in plans], ranges, "new pipelines")
-    copies, copy_ms, restore = plan_copies(before, after, sorted(lost_set), profile, cluster)
+    # Spares are no source: they leave the job's process group (see above).
+    copies, copy_ms, restore = plan_copies(before, after, sorted(lost_set | set(spares)), profile, cluster)
     if restore:
         reason += f"; layers {list(restore)} have no surviving copy: restore them from the checkpoint"
     return Reconfiguration(
@@ -310,25 +352,8 @@ def scale_up(
             f"no gain: the best mix over {len(current) + len(new_ids)} nodes uses {used}, "
             f"the current plan already uses {len(current)}; nodes {new_ids} stay spares"
         )
-    wanted: dict[int, int] = {}
-    for p in inst.pipelines:
-        wanted[p.template_nodes] = wanted.get(p.template_nodes, 0) + 1
-    kept: list[list[int]] = []
-    pool: list[int] = []
-    for p in old:
-        if wanted.get(len(p), 0) > 0:
-            wanted[len(p)] -= 1
-            kept.append(p)
-        else:
-            pool.extend(p)
-    pool.extend(new_ids)
-    filled: list[list[int]] = []
-    for size in sorted(wanted):
-        for _ in range(wanted[size]):
-            filled.append(pool[:size])
-            pool = pool[size:]
-    order = sorted(range(len(kept) + len(filled)), key=lambda i: (len((kept + filled)[i]), i))
-    new = [(kept + filled)[i] for i in order]
+    new, pool = _lay_out([p.template_nodes for p in inst.pipelines], old, new_ids)
+    kept = [p for p in new if p in old]
     by_size = {t.num_nodes: t for t in templates.templates}
     shares, times = distribute_with_times([by_size[len(p)] for p in new], microbatches)
     plans = tuple(

@@ -53,7 +53,7 @@ def test_a_job_that_finishes_during_a_30s_master_outage_completes_when_it_return
     cluster, profile_path, tmp_path
 ) -> None:
     spec = job_spec(tmp_path / "ckpt", profile_path, ft=1)
-    cluster.start(3)
+    cluster.start(4)
     cluster.submit(spec.to_yaml())
     cluster.wait_status(lambda s: s.state == RUNNING and s.step >= 8, "step 8")
     names = list(cluster.agents)
@@ -82,7 +82,7 @@ def test_a_job_that_finishes_during_a_30s_master_outage_completes_when_it_return
     events = cluster.events()
     assert "node_dead" not in kinds(events), [(e.kind, e.message) for e in events]
     assert kinds(events)[-1] == "job_succeeded"
-    assert sorted(n.state for n in cluster.nodes()) == [admin_pb2.NODE_STATE_SPARE] * 3
+    assert sorted(n.state for n in cluster.nodes()) == [admin_pb2.NODE_STATE_SPARE] * 4
     assert_checkpoints_intact(spec)
     assert_final_checkpoint_matches_reference(spec)
 
@@ -177,22 +177,27 @@ def test_sigterm_to_an_agent_drains_its_node_and_no_step_is_lost(cluster, profil
     assert f"draining [{ids[victim]}]" in recon.message, recon.message
     assert not [e for e in events if e.kind == "node_dead" and e.node_id == ids[victim]], events
     assert "reconfigure_incomplete" not in kinds(events)
-    # Every step is committed exactly once on every node that stayed: nothing lost or redone.
+    # Every step is committed exactly once on every node of the final plan (a survivor the new
+    # plan leaves out as a spare stops, without redoing anything): nothing lost or redone.
+    final_nodes = {n for p in final.plan.pipelines for n in p.node_ids}
     for name in set(ids) - {victim}:
         steps = [s for _, s, _ in trained_steps(cluster.agents[name].log.read_text())]
-        assert steps == list(range(1, spec.steps + 1)), (name, steps)
+        if ids[name] in final_nodes:
+            assert steps == list(range(1, spec.steps + 1)), (name, steps)
+        else:
+            assert steps == list(range(1, len(steps) + 1)), (name, steps)
     assert_checkpoints_intact(spec)
     assert_final_checkpoint_matches_reference(spec)
 
 
 def test_workers_that_start_slowly_under_load_are_not_declared_hung(cluster, profile_path, tmp_path) -> None:
-    """Three nodes start at once; each worker holds the GIL for seconds right after attaching
+    """Four nodes start at once; each worker holds the GIL for seconds right after attaching
     (its heartbeat thread starves, as when importing torch on a loaded machine), far past the
     1.5 s liveness timeout. The start-up allowance covers the whole start-up: no node dies."""
     worker = f"{sys.executable} {HERE / 'slow_start_worker.py'}"
     cluster.agent_args = ["--worker-command", worker, "--liveness-timeout-s", "1.5"]
     spec = job_spec(tmp_path / "ckpt", profile_path, ft=1)
-    cluster.start(3)
+    cluster.start(4)
     cluster.submit(spec.to_yaml())
     final = cluster.wait_status(lambda s: s.state == SUCCEEDED, "the job to succeed", timeout_s=150)
     assert final.generation == 1, final

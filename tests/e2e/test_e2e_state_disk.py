@@ -64,6 +64,8 @@ def test_a_full_state_disk_never_stops_the_master_and_loses_nothing(cluster, pro
     ]  # fmt: skip
     cluster.state_file = state_dir / "master.db"
     cluster.master_args = ["--state-retry-s", "0.2"]
+    hold = tmp_path / "hold"  # training waits between steps while the disk is full (a short job)
+    cluster.agent_env = {"OOBLECK_WORKER_HOLD_FILE": str(hold)}
     spec = job_spec(tmp_path / "ckpt", profile_path, ft=1)
     cluster.start(4)
     cluster.submit(spec.to_yaml())
@@ -73,7 +75,9 @@ def test_a_full_state_disk_never_stops_the_master_and_loses_nothing(cluster, pro
     assert (inside / "master.db").exists() and not (state_dir / "master.db").exists()
 
     filler = fill(inside)
+    # The next progress write fails; then training waits between steps while the disk is full.
     cluster.wait(lambda: cluster.http_json("/api/status")["state_store"].startswith("failing"), "the failed write")
+    hold.write_text("step")
     assert "database or disk is full" in cluster.http_json("/api/status")["state_store"]
     with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http_port}/healthz", timeout=5) as response:
         assert response.status == 200
@@ -94,6 +98,8 @@ def test_a_full_state_disk_never_stops_the_master_and_loses_nothing(cluster, pro
     assert cluster.status().generation == 1
 
     filler.unlink()  # space returns
+    cluster.wait_status(lambda s: s.generation == 2 and s.state == RUNNING, "generation 2")
+    hold.unlink()
     final = cluster.wait_status(lambda s: s.state == SUCCEEDED, "the job to succeed", timeout_s=120)
     assert final.generation == 2 and final.step == spec.steps, final
     kinds = [e.kind for e in cluster.events()]
@@ -107,7 +113,12 @@ def test_a_full_state_disk_never_stops_the_master_and_loses_nothing(cluster, pro
     assert metric(cluster, "oobleck_state_store_ok") == 1
 
     # The outage's facts are in the state file itself, next to what was committed before it.
-    with sqlite3.connect(f"file:{inside / 'master.db'}?mode=ro", uri=True) as db:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("master.db", "master.db-wal"):  # a snapshot of the live file and its write-ahead log
+        if (inside / name).exists():
+            shutil.copyfile(inside / name, copy / name)
+    with sqlite3.connect(copy / "master.db") as db:
         stored = [row[0] for row in db.execute("SELECT kind FROM events ORDER BY id")]
         (state, step) = db.execute("SELECT state, step FROM job").fetchone()
         dead = db.execute("SELECT state FROM nodes WHERE node_id = ?", (ids[victim],)).fetchone()[0]

@@ -155,6 +155,7 @@ def test_full_reconfiguration_properties(case, n0, gpus, microbatches):
     used = [n for p in got.pipelines for n in p.nodes]
     assert sorted(used + list(got.spares)) == survivors  # every survivor once, never a lost one
     assert not set(used) & lost
+    assert not {c.src for c in got.copies} & set(got.spares)  # spares leave: they send nothing
     for p in got.pipelines:
         assert templates.for_nodes(len(p.nodes)).num_nodes == p.template_nodes  # every pipeline has a template
     assert sum(p.microbatches for p in got.pipelines) == microbatches
@@ -175,14 +176,15 @@ def test_full_reconfiguration_properties(case, n0, gpus, microbatches):
     restore = set(got.restore_layers)
     assert {(c.dst, c.layer) for c in got.copies} == {(n, la) for n, la in missing if la not in restore}
     assert len(got.copies) == len({(c.dst, c.layer) for c in got.copies})
+    gone = set(lost) | set(got.spares)  # spares leave the process group: no source either
     for c in got.copies:
-        assert c.src not in lost
+        assert c.src not in gone
         assert before[c.src][0] <= c.layer < before[c.src][1]
         assert c.bytes == PROFILE.layers[c.layer].param_bytes * 3
     for layer in restore:
-        assert all(not (a <= layer < b) or n in lost for n, (a, b) in before.items())
+        assert all(not (a <= layer < b) or n in gone for n, (a, b) in before.items())
     copies, copy_ms, exp_restore = ref.copy_plan(
-        before, after, lost, [layer.param_bytes for layer in PROFILE.layers], 4.0, 1e9
+        before, after, gone, [layer.param_bytes for layer in PROFILE.layers], 4.0, 1e9
     )
     assert [(c.layer, c.src, c.dst, c.bytes) for c in got.copies] == copies
     assert got.copy_ms == pytest.approx(copy_ms, rel=1e-12)
@@ -227,9 +229,12 @@ def test_size_without_template_reinstantiates_on_all_survivors():
     got = reconfigure([[0, 1], [2, 3]], [1], templates=templates, profile=PROFILE, cluster=cluster(1), microbatches=4)
     assert "no template has that size" in got.reason
     assert "re-instantiated on the 3 surviving nodes (1 pipelines over 2 nodes" in got.reason
-    assert "[3] wait as spares" in got.reason
-    assert [p.nodes for p in got.pipelines] == [(0, 2)]
-    assert got.spares == (3,)
+    # The intact pipeline keeps its nodes (nothing to copy); the broken one's survivor waits. A
+    # spare leaves the job's process group, so [0, 2] (layers of node 3 copied from the spare)
+    # would have lost them.
+    assert "[0] wait as spares" in got.reason
+    assert [p.nodes for p in got.pipelines] == [(2, 3)]
+    assert got.spares == (0,) and got.copies == () and got.restore_layers == ()
 
 
 def test_old_pipeline_without_template_is_an_error():
