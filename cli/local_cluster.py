@@ -163,6 +163,7 @@ class LocalCluster:
         self.http_port = 0
         self.admin_token_file = self.work_dir / "admin.token"
         self.agent_token_file = self.work_dir / "agent.token"
+        self._master_argv: list[str] = []
         self._stopped = False
 
     # -- start ---------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class LocalCluster:
         state = self.work_dir / "master.db"
         for suffix in ("", "-wal", "-shm"):  # a fresh job state for every run
             Path(f"{state}{suffix}").unlink(missing_ok=True)
-        argv = [
+        self._master_argv = [
             self.config.python, "-m", "oobleck.master.main",
             "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
             "--state-file", str(state),
@@ -199,7 +200,25 @@ class LocalCluster:
             "--admin-token-file", str(self.admin_token_file),
             "--ready-file", str(self.work_dir / "master.ready.json"),
         ]  # fmt: skip
+        self.master = self._spawn("master", self._master_argv, self.work_dir / "master.ready.json")
+
+    def kill_master(self) -> None:
+        """SIGKILL the master (a crash); agents and workers go on. See :meth:`restart_master`."""
+        assert self.master is not None
+        _kill_group_and_pid(self.master.pid, signal.SIGKILL)
+        self.master.proc.wait(timeout=10)
+
+    def restart_master(self) -> str:
+        """Start the master again on the same state file and ports (the agents' configured
+        address); returns at once, see :meth:`wait_master`."""
+        assert self.master is not None and self.master_target, "start_master() and wait_master() first"
+        if self.master.alive():
+            raise ClusterError(f"the master (pid {self.master.pid}) is still running")
+        argv = list(self._master_argv)
+        argv[argv.index("--listen") + 1] = self.master_target
+        argv[argv.index("--http-listen") + 1] = f"127.0.0.1:{self.http_port}"
         self.master = self._spawn("master", argv, self.work_dir / "master.ready.json")
+        return self.master_target
 
     def _wait_ready(self, daemon: Daemon, deadline: float) -> dict:
         while True:
@@ -310,6 +329,26 @@ class LocalCluster:
             wait_pid_gone(pid, 5.0)
         log.info("killed node %d: agent pid %d, workers %s", node_id, agent.pid, sorted(workers))
         return [agent.pid, *sorted(workers)]
+
+    def freeze_node(self, node_id: int) -> list[int]:
+        """SIGSTOP node ``node_id``'s agent and workers (a frozen machine: sockets stay open);
+        returns the pids, for :meth:`thaw`."""
+        agent = self.nodes().get(node_id)
+        if agent is None:
+            raise ClusterError(f"no local agent has node id {node_id} (known: {sorted(self.nodes())})")
+        pids = [agent.pid, *sorted(worker_pids(agent.pid, {str(agent.work_dir)}))]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        log.info("froze node %d: pids %s", node_id, pids)
+        return pids
+
+    @staticmethod
+    def thaw(pids: list[int]) -> None:
+        """SIGCONT processes :meth:`freeze_node` stopped (those still there)."""
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     # -- stop ------------------------------------------------------------------------------------
     def _stop_daemons(self, daemons: list[Daemon]) -> None:

@@ -1144,9 +1144,9 @@ class Master:
         acked_at = self.clock()
         await self._save_fact("save_job", job)
         if reconfiguring:
-            await self._record(
-                "reconfigured", f"generation {generation} acked by {len(waits)} nodes", durations=durations
-            )
+            what = f"generation {generation} acked by {len(waits)} nodes"
+            what += f" (restored at step {job.step})" if restored else ""
+            await self._record("reconfigured", what, durations=durations)
             # "resumed" follows "reconfigured" in the event log, even when a step of the new
             # generation was reported while the acks were processed or the above was written.
             if self._first_step_generation >= generation:

@@ -20,7 +20,8 @@ Tuning, from the environment (all optional):
   (a local error on some rank, the process group intact) before giving up (default 2).
 - ``OOBLECK_WORKER_HOLD_FILE``: a path for fault drills and tests. While that file exists and
   its words include ``step`` (or it is empty), the worker starts no new step (it keeps applying
-  commands); while they include ``copy``, a reconfiguration waits after joining the new process
+  commands); ``step@N`` does the same once N steps are done (training runs up to step N and
+  holds there); while they include ``copy``, a reconfiguration waits after joining the new process
   group, before the layer copy. Deleting the file (or rewriting it) lets the worker go on. This
   makes "the cluster changes between these two steps" or "a node dies while layers are being
   copied" reproducible. Unset (the default): nothing is checked.

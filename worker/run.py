@@ -185,7 +185,8 @@ class Worker:
 
     def _held(self, point: str, where: str) -> bool:
         """True while the drill's hold file exists and names ``point`` (``step`` or ``copy``; an
-        empty file means ``step``). See ``OOBLECK_WORKER_HOLD_FILE``."""
+        empty file means ``step``; ``step@N`` holds once N steps are done). See
+        ``OOBLECK_WORKER_HOLD_FILE``."""
         path = self.settings.hold_file
         held = False
         if path is not None:
@@ -194,6 +195,9 @@ class Worker:
             except OSError:  # absent (or unreadable): not held
                 points = []
             held = point in points
+            if point == "step" and not held and self.engine is not None:
+                done = self.engine.position.step
+                held = any(p.startswith("step@") and p[5:].isdigit() and done >= int(p[5:]) for p in points)
         if not held:
             if self._holding is not None:
                 log.info("%s: released (%s)", self._who(), self._holding)
