@@ -8,7 +8,7 @@ STAMP := $(VENV)/.oobleck-installed
 PYTEST_ARGS ?=
 NATIVE := $(wildcard native/src/*.c native/src/*.h native/include/*.h) native/build.py native/planner.cdef
 
-.PHONY: test lint install clean demo
+.PHONY: test test-fast lint install clean demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit loop: the suite without the multi-process cluster tests (pytest -m "not slow", ~1 min).
+test-fast: lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # A local cluster (master + 5 agents of 1 CPU slot) trains examples/demo.yaml; one node is
 # killed with SIGKILL at step $(DEMO_KILL_AT_STEP) and the job goes on from the templates.

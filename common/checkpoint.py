@@ -155,33 +155,49 @@ def publish(
     atomic_write(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     fsync_dir(staging)
     final = step_dir(directory, step)
+    job = manifest_extra.get("job_id") or ""
     try:
         os.rename(staging, final)
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise CheckpointError(f"checkpoint {final}: cannot publish: {exc}") from exc
-        if (final / MANIFEST).exists():
+        owner = _owner(final)
+        if owner is not None and not (owner and job and owner != job):
             log.info("checkpoint %s already published: kept, this attempt (%s) discarded", final, staging.name)
             shutil.rmtree(staging, ignore_errors=True)
-            update_latest(directory, step)
+            update_latest(directory, step, job)
             return final
-        # An incomplete step directory (written in place by an older version): set it aside.
+        # Not this job's: an incomplete step directory (written in place by an older version),
+        # or another job's checkpoint in a reused directory. Set aside (renamed, not deleted).
         aside = directory / f"{STALE_PREFIX}{final.name}-{time.time_ns()}"
         os.rename(final, aside)
-        log.warning("incomplete %s moved aside to %s", final, aside.name)
+        what = "incomplete checkpoint" if owner is None else f"checkpoint of job {owner}"
+        log.warning("%s %s moved aside to %s", what, final, aside.name)
         os.rename(staging, final)
     fsync_dir(directory)
-    update_latest(directory, step)
+    update_latest(directory, step, job)
     remove_staging(directory, up_to_step=step)
     return final
 
 
-def update_latest(directory: str | Path, step: int) -> None:
-    """Point ``latest`` at ``step-<step>`` unless it already names a newer complete checkpoint."""
+def _owner(root: Path) -> str | None:
+    """The job id of the complete checkpoint ``root`` ("" when it records none); None when it is
+    not a complete, readable checkpoint."""
+    try:
+        return load_manifest(root).get("job_id") or ""
+    except CheckpointError:
+        return None
+
+
+def update_latest(directory: str | Path, step: int, job_id: str = "") -> None:
+    """Point ``latest`` at ``step-<step>`` unless it already names a newer complete checkpoint
+    of the same job (one of another job, in a reused directory, is replaced)."""
     directory = Path(directory)
     current = latest_step(directory)
     if current is not None and current >= step:
-        return
+        owner = _owner(step_dir(directory, current)) or ""
+        if not (owner and job_id and owner != job_id):
+            return
     atomic_write(directory / LATEST, step_name(step).encode())
 
 

@@ -145,3 +145,27 @@ def test_newest_intact_filters_by_job(tmp_path: Path) -> None:
     ck.publish(tmp_path, staging, step=3, files=files, manifest_extra={"num_layers": NUM_LAYERS, "job_id": "b"})
     assert ck.newest_intact(tmp_path, job_id="a")[0]["step"] == 2
     assert ck.newest_intact(tmp_path)[0]["step"] == 3
+
+
+def test_a_reused_directory_keeps_the_other_jobs_checkpoints_aside(tmp_path: Path) -> None:
+    """A new job writing where another job's checkpoints are: its own step is published (the other
+    job's one of the same step is renamed aside, not overwritten or deleted), ``latest`` names the
+    new job's newest, and each job's restore finds only its own."""
+
+    def publish_for(job: str, step: int, tag: bytes) -> Path:
+        staging = write_attempt(tmp_path, step, f"{job}-g1", {0: [0, 1, 2]}, tag)
+        files = ck.collect_sidecars(staging, {0}, 1)
+        extra = {"num_layers": NUM_LAYERS, "job_id": job}
+        return ck.publish(tmp_path, staging, step=step, files=files, manifest_extra=extra)
+
+    publish_for("old", 5, b"old5")
+    publish_for("old", 10, b"old10")
+    root = publish_for("new", 5, b"new5")
+    assert ck.load_manifest(root)["job_id"] == "new" and (root / ck.layer_file(0)).read_bytes() == b"new5-0"
+    (aside,) = tmp_path.glob(".stale-step-00000005-*")
+    assert ck.load_manifest(aside)["job_id"] == "old" and (aside / ck.layer_file(0)).read_bytes() == b"old5-0"
+    assert (tmp_path / ck.LATEST).read_text() == "step-00000005"  # not the other job's step 10
+    assert ck.newest_intact(tmp_path, job_id="new")[0]["step"] == 5
+    assert ck.newest_intact(tmp_path, job_id="old")[0]["step"] == 10
+    again = publish_for("new", 5, b"again")  # the same job again: the first stays
+    assert (again / ck.layer_file(0)).read_bytes() == b"new5-0"
