@@ -42,14 +42,20 @@ async def events(stub) -> list:
     return [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
 
 
+async def running_job(srv):
+    """Four scripted agents, a job of two 2-node pipelines, RUNNING: (agents, channel, stub)."""
+    agents = await start_agents(srv, 4)
+    channel, stub = admin_stub(srv.target)
+    await submit(stub, srv)
+    await wait_until(lambda: state_of(srv) == "RUNNING")
+    return agents, channel, stub
+
+
 def test_a_full_disk_never_stops_the_master_and_nothing_is_lost(tmp_path):
     async def body():
         planner = make_fake_planner(nodes_per_pipeline=2)
         async with running_master(tmp_path, planner=planner, state_retry_s=0.1, scale_up=False) as srv:
-            agents = await start_agents(srv, 4)
-            channel, stub = admin_stub(srv.target)
-            await submit(stub, srv)
-            await wait_until(lambda: state_of(srv) == "RUNNING")
+            agents, channel, stub = await running_job(srv)
             disk = FullDisk(srv.master)
             disk.failing = set()
             for a in agents:
@@ -107,10 +113,7 @@ def test_a_commit_that_fails_is_undone_and_retried(tmp_path):
     async def body():
         planner = make_fake_planner(nodes_per_pipeline=2)
         async with running_master(tmp_path, planner=planner, state_retry_s=0.1, scale_up=False) as srv:
-            agents = await start_agents(srv, 4)
-            channel, stub = admin_stub(srv.target)
-            await submit(stub, srv)
-            await wait_until(lambda: state_of(srv) == "RUNNING")
+            agents, channel, _stub = await running_job(srv)
             plan_before, pipelines_before = srv.master.job.plan, srv.master.pipelines
             disk = FullDisk(srv.master)
             disk.failing = {"commit_plan"}
