@@ -23,8 +23,11 @@ drawn from ``--faults`` (each listed kind at least once):
   2-10 s), then SIGCONTs it. Past the heartbeat timeout the node is declared dead and the job
   reconfigures without it; the thawed agent registers again as a spare.
 
-While restarted nodes join, training is held between two steps (the workers' drill hold file,
-``OOBLECK_WORKER_HOLD_FILE``) so that even a short job sees the scale-up; the hold ends when
+Training never runs more than ``HOLD_SLACK`` steps past the next event's step (the workers'
+drill hold file, ``OOBLECK_WORKER_HOLD_FILE``, with ``step@N``), so that every event happens even
+while the master is down or a node frozen, and still lands at a random point of a step.
+While restarted nodes join, training is held between two steps so that even a short job sees
+the scale-up; that hold ends when
 every returning node is in the plan, or the master judged it of no use (``scale_up_skipped``).
 
 At the end the job must have SUCCEEDED; its final checkpoint must equal ``--steps`` steps of the
@@ -70,6 +73,7 @@ from oobleck.protos.v1 import admin_pb2
 
 POLL_S = 0.05
 CHECKPOINT_INTERVAL = 5
+HOLD_SLACK = 2  # training runs at most this many steps past the next event's step
 RTOL, ATOL = 1e-4, 1e-5
 ENV_HOLD_FILE = "OOBLECK_WORKER_HOLD_FILE"
 
@@ -281,7 +285,8 @@ class Drill:
         self.deadline = self.t0 + args.timeout_s
         self.kills = self.restarts = 0
         self.faults: list[tuple[float, int | None, str]] = []  # (time, newest checkpoint then, kind)
-        self.next_at: int | None = None  # the next fault event's step
+        self.hold_at: int | None = None  # training holds once this many steps are done
+        self.holding = False  # ... or right away (while restarted nodes join)
 
     def say(self, text: str, **record) -> None:
         print(f"[{time.monotonic() - self.t0:7.2f}s] {text}", flush=True)
@@ -334,9 +339,7 @@ class Drill:
         kinds = ", ".join(f"{k}@{at}" for at, k in schedule) or "none"
         self.say(f"job submitted: {args.steps} steps, ft={args.ft}, {args.nodes} nodes; faults {kinds}")
         for i, (at, kind) in enumerate(schedule):
-            # While the master is down or a node frozen, training runs up to the next event's step
-            # and holds there, so that every event happens; after the last one it runs to the end.
-            self.next_at = schedule[i + 1][0] if i + 1 < len(schedule) else None
+            self.hold_until(at + HOLD_SLACK)
             s = self.wait_status(
                 lambda s, at=at: (
                     s.state == admin_pb2.JOB_STATE_SUCCEEDED
@@ -348,7 +351,11 @@ class Drill:
                 self.say(f"the job finished before step {at}'s {kind}")
                 break
             self.faults.append((time.monotonic(), self.newest_checkpoint(spec), kind))
+            # Meanwhile (the master down, a node frozen, a reconfiguration), training goes on up
+            # to the next event; after the last one, to the end.
+            self.hold_until(schedule[i + 1][0] + HOLD_SLACK if i + 1 < len(schedule) else None)
             getattr(self, f"fault_{kind}")(s)
+        self.hold_until(None)
         final = self.wait_status(lambda s: s.state == admin_pb2.JOB_STATE_SUCCEEDED, "the job to succeed")
         self.say(f"job succeeded at step {final.step}, generation {final.generation}")
         self.statuses.stop()
@@ -456,7 +463,6 @@ class Drill:
     def fault_master(self, s: admin_pb2.GetStatusResponse) -> None:
         lo, hi = self.args.master_down
         down_s = self.rng.uniform(lo, hi)
-        self.hold_at_next()
         self.cluster.kill_master()
         killed = time.monotonic()
         self.say(f"step {s.step}: killed the master; restarting it in {down_s:.1f}s")
@@ -465,11 +471,6 @@ class Drill:
             time.sleep(min(POLL_S * 4, max(0.0, killed + down_s - time.monotonic())))
         self.cluster.restart_master()
         self.cluster.wait_master()
-        if self.next_at is not None:  # the agents re-attach and report where training holds
-            self.wait_status(
-                lambda s: s.state == admin_pb2.JOB_STATE_SUCCEEDED or s.step >= self.next_at, f"step {self.next_at}"
-            )
-        self.hold.unlink(missing_ok=True)
         s = self.status()
         state = admin_pb2.JobState.Name(s.state).removeprefix("JOB_STATE_")
         back_s = time.monotonic() - killed
@@ -485,7 +486,6 @@ class Drill:
         lo, hi = self.args.freeze_s
         frozen_s = self.rng.uniform(lo, hi)
         name = self.cluster.nodes()[victim].name
-        self.hold_at_next()
         self.frozen = self.cluster.freeze_node(victim)
         stopped = time.monotonic()
         self.say(f"step {s.step}: froze node {victim} ({name}) of {pipelines} for {frozen_s:.1f}s")
@@ -494,20 +494,31 @@ class Drill:
             time.sleep(min(POLL_S * 4, max(0.0, stopped + frozen_s - time.monotonic())))
         self.cluster.thaw(self.frozen)
         self.frozen = []
-        self.hold.unlink(missing_ok=True)
         s = self.status()
         self.say(f"thawed node {victim} ({name}): generation {s.generation}, step {s.step}")
 
-    def hold_at_next(self) -> None:
-        """Let training run up to the next event's step and hold there (none after the last)."""
-        if self.next_at is not None:
-            self.hold.write_text(f"step@{self.next_at}")
+    def hold_until(self, at: int | None) -> None:
+        """Training holds once ``at`` steps are done (None: it does not)."""
+        self.hold_at = at
+        self._write_hold()
+
+    def hold_now(self, now: bool) -> None:
+        """Training holds between two steps right away (until ``hold_now(False)``)."""
+        self.holding = now
+        self._write_hold()
+
+    def _write_hold(self) -> None:
+        words = (["step"] if self.holding else []) + ([f"step@{self.hold_at}"] if self.hold_at is not None else [])
+        if words:
+            self.hold.write_text(" ".join(words))
+        else:
+            self.hold.unlink(missing_ok=True)
 
     def restart(self, names: list[str]) -> None:
         """Hold training, restart the agents ``names``, release once each is in the plan (or judged
         of no use by the master)."""
         self.restarts += len(names)
-        self.hold.write_text("step")
+        self.hold_now(True)
         try:
             before = {e.id for e in self.events()}
             daemons = [self.cluster.restart_agent(name) for name in names]
@@ -531,7 +542,7 @@ class Drill:
             s = self.wait_status(settled, f"nodes {ids} to join the plan")
             self.say(f"generation {s.generation}: {[list(p.node_ids) for p in s.plan.pipelines]}")
         finally:
-            self.hold.unlink(missing_ok=True)
+            self.hold_now(False)
 
     def close(self) -> None:
         if self.frozen and self.cluster is not None:

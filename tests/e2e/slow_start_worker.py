@@ -12,7 +12,7 @@ _attach = agent_link.AgentLink.attach
 
 def attach(self) -> None:
     _attach(self)
-    sum(range(3 * 10**8))  # one C call: no other Python thread runs meanwhile (2-8 s)
+    sum(range(6 * 10**8))  # one C call: no other Python thread runs meanwhile (5-15 s)
 
 
 agent_link.AgentLink.attach = attach

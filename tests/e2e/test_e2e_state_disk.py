@@ -1,6 +1,6 @@
 """End to end: the master's state file system fills up mid-run (a real tmpfs, filled for real).
 
-The master runs in a private mount namespace whose state directory is a 3 MiB tmpfs (gone with
+The master runs in a private mount namespace whose state directory is an 8 MiB tmpfs (gone with
 the process, whatever happens to the test). The test fills it while a job trains: the master keeps
 serving (health, status, metrics), raises the alert, refuses state changes with a message naming
 the state file, keeps a node's death in memory without sending an unpersisted plan, and once space
@@ -60,7 +60,7 @@ def test_a_full_state_disk_never_stops_the_master_and_loses_nothing(cluster, pro
     state_dir.mkdir()
     cluster.master_prefix = [
         "unshare", "--mount", "--propagation", "private", "--",
-        "sh", "-c", 'mount -t tmpfs -o size=3m oobleck-state "$0" && exec "$@"', str(state_dir),
+        "sh", "-c", 'mount -t tmpfs -o size=8m oobleck-state "$0" && exec "$@"', str(state_dir),
     ]  # fmt: skip
     cluster.state_file = state_dir / "master.db"
     cluster.master_args = ["--state-retry-s", "0.2"]
