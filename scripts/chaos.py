@@ -339,7 +339,7 @@ class Drill:
         kinds = ", ".join(f"{k}@{at}" for at, k in schedule) or "none"
         self.say(f"job submitted: {args.steps} steps, ft={args.ft}, {args.nodes} nodes; faults {kinds}")
         for i, (at, kind) in enumerate(schedule):
-            self.hold_until(at + HOLD_SLACK)
+            self.hold_until(min(at + HOLD_SLACK, args.steps - 1))
             s = self.wait_status(
                 lambda s, at=at: (
                     s.state == admin_pb2.JOB_STATE_SUCCEEDED
@@ -353,7 +353,8 @@ class Drill:
             self.faults.append((time.monotonic(), self.newest_checkpoint(spec), kind))
             # Meanwhile (the master down, a node frozen, a reconfiguration), training goes on up
             # to the next event; after the last one, to the end.
-            self.hold_until(schedule[i + 1][0] + HOLD_SLACK if i + 1 < len(schedule) else None)
+            later = schedule[i + 1][0] if i + 1 < len(schedule) else None
+            self.hold_until(None if later is None else min(later + HOLD_SLACK, args.steps - 1))
             getattr(self, f"fault_{kind}")(s)
         self.hold_until(None)
         final = self.wait_status(lambda s: s.state == admin_pb2.JOB_STATE_SUCCEEDED, "the job to succeed")
