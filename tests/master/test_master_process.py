@@ -68,6 +68,28 @@ def test_plaintext_on_a_public_address_is_refused(tmp_path):
     assert "plaintext is allowed only on loopback" in res.stderr
 
 
+def test_an_unusable_state_file_is_one_line_naming_it(tmp_path):
+    """A state directory that cannot be created, and a state file that is not a database: exit 2
+    with one line naming the path (no traceback), and a new state file is private (0600)."""
+    proc = MasterProcess(tmp_path)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state directory should be")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not an SQLite database, just some bytes" * 100)
+    for path, why in [(blocker / "state.db", "File exists"), (garbage, "not a database")]:
+        argv = [*proc.argv]
+        argv[argv.index("--state-file") + 1] = str(path)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+        assert f"state file {path}: opening failed" in res.stderr and why in res.stderr, res.stderr
+    proc.start()
+    try:
+        assert proc.state_file.stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.stop()
+
+
 def test_kill9_and_restart_keeps_generation_plan_and_commands(master):
     async def body():
         await asyncio.to_thread(master.start)
