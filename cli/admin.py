@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oobleck.common.text import escape_control
+
 ENV_MASTER = "OOBLECK_MASTER"
 ENV_ADMIN_TOKEN_FILE = "OOBLECK_ADMIN_TOKEN_FILE"
 EXIT_ERROR = 2
@@ -106,7 +108,7 @@ def _status(args, stub, admin_pb2) -> None:
         _print_json(_to_dict(s))
         return
     state = admin_pb2.JobState.Name(s.state).removeprefix("JOB_STATE_")
-    print(f"job:         {s.job_id or '-'}  {state}" + (f"  ({s.reason})" if s.reason else ""))
+    print(f"job:         {s.job_id or '-'}  {state}" + (f"  ({escape_control(s.reason)})" if s.reason else ""))
     print(f"generation:  {s.generation}")
     print(f"step:        {s.step}/{s.total_steps}  loss {s.loss:.4f}  {s.samples_per_s:.1f} samples/s")
     print(f"nodes:       {s.nodes_alive} alive ({s.spares} spare), {s.nodes_dead} dead")
@@ -123,8 +125,8 @@ def _nodes(args, stub, admin_pb2) -> None:
     for n in res.nodes:
         state = admin_pb2.NodeState.Name(n.state).removeprefix("NODE_STATE_").lower()
         print(
-            f"{n.node_id:>5}  {n.name:<20} {n.address:<16} {n.slots:>5}  {state:<9} {n.last_seen_s_ago:>6.1f}s  "
-            f"{n.reason}"
+            f"{n.node_id:>5}  {escape_control(n.name):<20} {escape_control(n.address):<16} {n.slots:>5}  {state:<9} "
+            f"{n.last_seen_s_ago:>6.1f}s  {escape_control(n.reason)}"
         )
 
 
@@ -137,7 +139,8 @@ def _events(args, stub, admin_pb2) -> None:
             when = time.strftime("%H:%M:%S", time.localtime(ev.unix_time_s))
             phases = " ".join(f"{k}={v:.3f}s" for k, v in sorted(ev.durations_s.items()))
             node = f" node={ev.node_id}" if ev.node_id else ""
-            print(f"{ev.id:>6} {when} {ev.kind:<18} gen={ev.generation} step={ev.step}{node} {ev.message} {phases}")
+            message = escape_control(ev.message)
+            print(f"{ev.id:>6} {when} {ev.kind:<18} gen={ev.generation} step={ev.step}{node} {message} {phases}")
         sys.stdout.flush()
 
 

@@ -23,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from oobleck.common.text import escape_control
 from oobleck.master import planning, profiles
 from oobleck.master.config import MasterConfig
 from oobleck.master.detect import DetectConfig, DetectState, NodeLiveness, decide
 from oobleck.master.metrics import MasterMetrics
+from oobleck.master.progress import STALE, GenerationProgress
 from oobleck.master.scaleup import ScaleUpConfig, ScaleUpState, decide_scale_up
 from oobleck.master.store import AsyncStore, CommandRow, EventRow, JobRow, NodeRow, StoreError
 from oobleck.protos.v1 import agent_pb2, plan_pb2
@@ -201,7 +203,8 @@ class Master:
         self._plan_lock = asyncio.Lock()
         self._reconfig_task: asyncio.Task | None = None
         self._resume_wait: tuple[int, float, dict[str, float]] | None = None
-        self._generation_step = (0, 0)  # (generation, highest step reported in it)
+        self.progress = GenerationProgress(0, frozenset(), 0, 0)  # the current generation's step reports
+        self._ignored_from: set[int] = set()  # nodes whose ignored reports were logged (once each)
         self._first_step_generation = 0  # newest generation whose first step report has arrived
         self._first_step_s = 0.0  # ... and when it arrived
         # Durability (see _save_fact): while the state file cannot be written, facts stay in
@@ -259,6 +262,8 @@ class Master:
                     self._drain.add(node_id)
             if self._lost or self._drain:
                 self._pending_since = now
+            restoring = bool(self.job.plan_json.get("restore_pending"))
+            self._new_progress({n for p in self.pipelines for n in p}, None if restoring else self.job.step)
             # Resume waiting for the acks of the generation being installed when the master
             # stopped; its events (reconfigured with the phases, running, resumed) follow as if
             # the master had not stopped.
@@ -407,7 +412,7 @@ class Master:
             node_id,
             self.generation,
             self.job.step if self.job else 0,
-            message.encode("utf-8", "backslashreplace").decode("utf-8"),
+            escape_control(message.encode("utf-8", "backslashreplace").decode("utf-8")),
             dict(durations or {}),
         )
 
@@ -679,26 +684,49 @@ class Master:
     def on_step(self, node: NodeRuntime, generation: int, step: int, loss: float, samples_per_s: float) -> None:
         node.last_seen_s = self.clock()
         job = self.job
-        if job is None or generation != job.generation or job.state not in ACTIVE_JOB_STATES:
+        if job is None or job.state not in ACTIVE_JOB_STATES:
             return
-        if not any(node.row.node_id in p for p in self.pipelines):
-            return  # only the plan's nodes train; a spare's report is not progress
-        if generation != self._generation_step[0] or step > self._generation_step[1]:
-            self._generation_step = (generation, step)
-        if step > job.step:
-            job.step = step
-            self._progress_dirty = True
-            self._publish_step(generation, step, loss, samples_per_s)
-        self.loss, self.samples_per_s = loss, samples_per_s
-        self.metrics.step.set(job.step)
-        self.metrics.loss.set(loss)
-        self.metrics.samples_per_s.set(samples_per_s)
+        node_id = node.row.node_id
+        reason, why = self.progress.judge(node_id, generation, step)
+        if reason is not None:
+            self.metrics.reports_ignored.labels(reason=reason).inc()
+            if reason != STALE and node_id not in self._ignored_from:  # once per node: no log flood
+                self._ignored_from.add(node_id)
+                log.warning("node %d: step report ignored (further ones are only counted): %s", node_id, why)
+            return
+        self.progress.record(node_id, step, loss, samples_per_s)
+        self._follow_progress()
         if self._first_step_generation < generation:
             self._first_step_generation, self._first_step_s = generation, self.clock()
             if self._resume_wait is not None and self._resume_wait[0] == generation:
                 self._resumed(generation, self._first_step_s - self._resume_wait[1])
-        if job.step >= job.total_steps > 0:
+
+    def _follow_progress(self) -> None:
+        """Set the job's step (and the loss and throughput shown) to what the current generation's
+        plan nodes have all reached; end the job once that is its last step."""
+        job = self.job
+        progress = self.progress.committed()
+        if job is None or progress is None or progress[0] == job.step:
+            return
+        committed, loss, samples_per_s = progress
+        if committed > job.step:
+            self.loss, self.samples_per_s = loss, samples_per_s
+            self.metrics.loss.set(loss)
+            self.metrics.samples_per_s.set(samples_per_s)
+            self._publish_step(self.progress.generation, committed, loss, samples_per_s)
+        job.step = committed
+        self._progress_dirty = True
+        self.metrics.step.set(committed)
+        if committed >= job.total_steps > 0:
             self._spawn(self._finish_reached())
+
+    def _new_progress(self, nodes, start: int | None) -> None:
+        """A generation was installed: its reports count from here (``start``: the step it starts
+        from, None when the workers' acks will tell)."""
+        job = self.job
+        total = job.total_steps if job is not None else 0
+        self.progress = GenerationProgress(self.generation, frozenset(nodes), start, total)
+        self._ignored_from.clear()
 
     async def on_ack(
         self,
@@ -999,6 +1027,7 @@ class Master:
                     f"{len(candidates) - len(in_plan) + len(odd)} spares",
                 )
                 waits = await self._commit_and_send(rows, [ev], changed)
+            self._new_progress(layout.nodes, 0)
             self._update_node_metrics()
             self._spawn(self._settle(generation, waits, self.config.start_ack_timeout_s, {}))
             return job_id, generation
@@ -1132,14 +1161,15 @@ class Master:
         if len(ready) > 1:
             log.warning("generation %d: nodes are ready at different steps %s", generation, ready)
         restored = bool(job.plan_json.pop("restore_pending", False))
-        if ready:
-            # Reports of this generation may already have moved past the ready position.
-            reported = self._generation_step[1] if self._generation_step[0] == generation else 0
-            step = max(ready[0], reported)
-            if step != job.step:
-                log.info("generation %d: workers ready at step %d (the master had %d)", generation, step, job.step)
-                job.step = step
-                self.metrics.step.set(step)
+        if ready and self.progress.generation == generation:
+            # The generation started where its workers are ready (a restore, or steps redone
+            # after a split commit, move the step back); reports may already be past it.
+            if ready[0] != job.step:
+                log.info("generation %d: workers ready at step %d (the master had %d)", generation, ready[0], job.step)
+            self.progress.start = ready[0]
+            self._follow_progress()
+        elif self.progress.start is None:
+            self.progress.start = job.step  # agents that do not report the ready step
         job.state, job.reason = "RUNNING", ""
         acked_at = self.clock()
         await self._save_fact("save_job", job)
@@ -1319,6 +1349,7 @@ class Master:
                 durations=durations,
             )
             waits = await self._commit_and_send(rows, [ev], changed)
+        self._new_progress(layout.nodes, None if layout.plan.restore_from_checkpoint else job.step)
         self.metrics.reconfigurations.inc()
         self._update_node_metrics()
         durations = {**durations, "notify": self.clock() - t1}
@@ -1345,6 +1376,7 @@ class Master:
             job.plan_json = {**job.plan_json, "pipelines": []}
             rows = [self._command(n, "stop", stop=agent_pb2.Stop(reason=reason)) for n in survivors]
             await self._commit_and_send(rows, [self._new_event("job_paused", reason)], changed)
+        self._new_progress((), job.step)
         self._update_node_metrics()
         # Nodes may have registered while the failed generation was being handled (a node whose
         # workers failed re-registers as a spare at once): try to restore now, not only on the
@@ -1392,6 +1424,7 @@ class Master:
             except StateUnavailable as exc:  # nothing sent: retried once the state file is writable
                 log.warning("job still paused: %s", exc.message)
                 return
+            self._new_progress(layout.nodes, None)
             self._update_node_metrics()
             self._spawn(self._settle(generation, waits, self.config.start_ack_timeout_s, {}))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from oobleck.master.progress import REASONS
+
 PHASES = ("detect", "plan", "notify", "regroup", "copy", "resume")
 NODE_STATES = ("alive", "spare", "draining", "dead")
 
@@ -40,6 +42,15 @@ class MasterMetrics:
             registry=r,
         )
         self.state_store_ok.set(1)
+        self.reports_ignored = Counter(
+            "oobleck_step_reports_ignored",
+            "Step reports that did not count (stale generation, a node outside the plan, a step beyond the "
+            "job's steps or not after the generation's start)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REASONS:
+            self.reports_ignored.labels(reason=reason)
         for state in NODE_STATES:
             self.nodes.labels(state=state).set(0)
         for phase in PHASES:

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from oobleck.common.auth import TokenAuthInterceptor, read_token_file
 from oobleck.common.jobspec import MAX_SPEC_BYTES
+from oobleck.common.text import escape_control
 from oobleck.common.tls import ServerTls, add_port, server_options
 from oobleck.master.config import MasterConfig
 from oobleck.master.core import Master, MasterError, RegisterInfo
@@ -50,6 +51,12 @@ def _text(value: str, field: str, *, max_chars: int = MAX_NAME_CHARS, allow_empt
     if any(not ch.isprintable() for ch in value):
         raise _Invalid(field, "must not contain control characters")
     return value
+
+
+def _free_text(value: str, max_chars: int = MAX_TEXT_CHARS) -> str:
+    """Free text a node sends (a reason, an error, a detail): control characters escaped (a
+    worker's traceback has line breaks; an attacker's may have terminal escapes), cut to size."""
+    return escape_control(value, max_chars)
 
 
 def _json_text(value: str, field: str, max_chars: int) -> str:
@@ -184,24 +191,24 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                         _int(a.command_id, "ack.command_id", 1, 1 << 62),
                         a.generation,
                         a.ok,
-                        _text(a.error, "ack.error", max_chars=MAX_TEXT_CHARS * 4, allow_empty=True),
+                        _free_text(a.error, MAX_TEXT_CHARS * 4),
                         phases,
                         _json_text(a.profile_json, "ack.profile_json", MAX_PROFILE_CHARS),
                         _int(a.step, "ack.step", 0, 1 << 62) if a.HasField("step") else None,
                     )
                 elif kind == "failure":
-                    master.on_failure(node, msg.failure.reason[:MAX_TEXT_CHARS])
+                    master.on_failure(node, _free_text(msg.failure.reason))
                 elif kind == "leaving":
                     await master.on_leaving(
                         node,
-                        msg.leaving.reason[:MAX_TEXT_CHARS],
+                        _free_text(msg.leaving.reason),
                         _finite(msg.leaving.deadline_s, "leaving.deadline_s", 0.0),
                     )
                 elif kind == "worker":
                     w = msg.worker
                     master.on_worker_report(
                         node, w.slot, agent_pb2.WorkerState.Name(w.state) if w.state in (0, 1, 2, 3, 4) else "?",
-                        w.exit_code, w.detail[:MAX_TEXT_CHARS],
+                        w.exit_code, _free_text(w.detail),
                     )  # fmt: skip
                 elif kind == "hello":
                     raise _Invalid("hello", "sent twice in one session")

@@ -301,7 +301,8 @@ def test_too_few_nodes_pauses_and_a_new_node_resumes_from_checkpoint(tmp_path):
             channel, stub = admin_stub(srv.target)
             await submit(stub, srv)
             await wait_until(lambda: state_of(srv) == "RUNNING")
-            await agents[0].send(step=agent_pb2.StepReport(generation=1, step=7, loss=2.0, samples_per_s=1.0))
+            for a in agents:  # every node of the plan reports the step: it is committed
+                await a.send(step=agent_pb2.StepReport(generation=1, step=7, loss=2.0, samples_per_s=1.0))
             await wait_until(lambda: srv.master.job.step == 7)
             await agents[1].drop_session()
             await wait_until(lambda: state_of(srv) == "PAUSED")
@@ -317,7 +318,8 @@ def test_too_few_nodes_pauses_and_a_new_node_resumes_from_checkpoint(tmp_path):
             # (ready means restored), and the step counter follows it back from 7 to 5.
             assert start.start.plan.resume_step == 0 and srv.master.job.step == 5
             assert "restore_pending" not in srv.master.job.plan_json
-            await new.send(step=agent_pb2.StepReport(generation=2, step=6, loss=2.1, samples_per_s=1.0))
+            for a in (agents[0], new):
+                await a.send(step=agent_pb2.StepReport(generation=2, step=6, loss=2.1, samples_per_s=1.0))
             await wait_until(lambda: srv.master.job.step == 6)
             log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
             running = [e.message for e in log if e.kind == "running"]
@@ -339,7 +341,8 @@ def test_a_restore_obligation_outlives_the_generation_that_had_it(tmp_path):
             channel, stub = admin_stub(srv.target)
             await submit(stub, srv)
             await wait_until(lambda: state_of(srv) == "RUNNING")
-            await agents[0].send(step=agent_pb2.StepReport(generation=1, step=9, loss=2.0, samples_per_s=1.0))
+            for a in agents:
+                await a.send(step=agent_pb2.StepReport(generation=1, step=9, loss=2.0, samples_per_s=1.0))
             await wait_until(lambda: srv.master.job.step == 9)
             await agents[1].drop_session()
             await wait_until(lambda: state_of(srv) == "PAUSED")

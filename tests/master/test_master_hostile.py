@@ -1,0 +1,137 @@
+"""What a node holding the agent token can no longer do to the job, against a real master process
+(scripted agents over real gRPC): forge progress or the job's end, or smuggle control characters
+into logs, events and ``oobleckctl`` output. The master keeps serving correct answers afterwards."""
+
+import asyncio
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from master_fakes import FakeAgent, MasterProcess, admin_stub, job_spec_yaml, wait_until
+
+from oobleck.protos.v1 import admin_pb2, agent_pb2
+
+pytestmark = pytest.mark.slow
+CTL = [str(Path(sys.executable).parent / "oobleckctl")]
+STEPS = 20
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+@pytest.fixture
+def master(tmp_path):
+    proc = MasterProcess(tmp_path, "--no-scale-up")
+    try:
+        yield proc.start()
+    finally:
+        proc.stop()
+
+
+def metric(master, name: str) -> float:
+    url = f"http://127.0.0.1:{master.info['http_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.split()[0] == name:
+                return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def report(step: int, loss: float = 2.0, generation: int = 1) -> agent_pb2.StepReport:
+    return agent_pb2.StepReport(generation=generation, step=step, loss=loss, samples_per_s=10.0)
+
+
+async def status(stub) -> admin_pb2.GetStatusResponse:
+    return await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+
+
+def test_forged_step_reports_neither_advance_nor_end_the_job(master, tmp_path):
+    async def body():
+        channel, stub = admin_stub(master.target)
+        plan_nodes = [await FakeAgent(master.target, f"n{i}").start() for i in range(2)]
+        await stub.SubmitJob(
+            admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(master.paths["profile"], steps=STEPS)), timeout=10
+        )
+        await wait_until(lambda: all(a.kinds() == ["start"] for a in plan_nodes))
+        spare = await FakeAgent(master.target, "spare").start()
+        for a in plan_nodes:
+            await a.send(step=report(3))
+        await wait_until_async(lambda s: s.step == 3, stub)
+
+        # A spare (not in the plan), with a huge step and a too-good loss, a hundred times.
+        for _ in range(100):
+            await spare.send(step=report(10**12, loss=1e-4))
+        # A plan node, beyond the job's steps; then the final step, alone.
+        await plan_nodes[0].send(step=report(10**12, loss=1e-4))
+        await plan_nodes[0].send(step=report(STEPS, loss=1e-4))
+        await wait_until(lambda: metric(master, 'oobleck_step_reports_ignored_total{reason="not_in_plan"}') == 100)
+        s = await status(stub)
+        assert s.state == admin_pb2.JOB_STATE_RUNNING and s.step == 3 and s.loss != pytest.approx(1e-4), s
+        assert metric(master, 'oobleck_step_reports_ignored_total{reason="beyond_steps"}') == 1
+        assert metric(master, "oobleck_step") == 3
+        log = master.log_file.read_text()
+        assert log.count(f"node {spare.node_id}: step report ignored") == 1, "one line per node, not a flood"
+
+        # The job ends when every node of the plan reports the final step.
+        await plan_nodes[1].send(step=report(STEPS, loss=1.5))
+        await wait_until_async(lambda s: s.state == admin_pb2.JOB_STATE_SUCCEEDED, stub)
+        assert (await status(stub)).step == STEPS
+        for a in [*plan_nodes, spare]:
+            await a.close()
+        await channel.close()
+
+    run(body())
+
+
+async def wait_until_async(predicate, stub, timeout_s: float = 10.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        s = await status(stub)
+        if predicate(s):
+            return s
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out; last status {s}")
+        await asyncio.sleep(0.02)
+
+
+def test_control_characters_from_a_node_reach_no_log_event_or_terminal_raw(master, tmp_path):
+    forged = "boom\x1b[2J\x1b[31m\n2026-12-03 12:00:00,000 INFO oobleck.master.core: event job_succeeded FORGED"
+
+    async def body():
+        channel, stub = admin_stub(master.target)
+        nodes = [await FakeAgent(master.target, f"n{i}", auto_ack=False).start() for i in range(2)]
+        await stub.SubmitJob(
+            admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(master.paths["profile"], steps=STEPS)), timeout=10
+        )
+        await wait_until(lambda: all(a.kinds() == ["start"] for a in nodes))
+        # A multi-line error in an ack (a worker's traceback) is a valid message, escaped: the
+        # start failed (the node is then failed, not refused as a bad request).
+        cmd = nodes[0].commands[0]
+        bad = agent_pb2.CommandAck(command_id=cmd.command_id, generation=1, ok=False, error=forged)
+        await nodes[0].send(ack=bad)
+        await nodes[1].send(worker=agent_pb2.WorkerReport(slot=0, pid=1, state=3, exit_code=1, detail=forged))
+        await nodes[1].send(failure=agent_pb2.NodeFailure(reason=forged))
+        await wait_until_async(lambda s: s.nodes_dead == 2, stub)
+        await wait_until(lambda: nodes[0].session_error is not None)
+        assert nodes[0].session_error == grpc.StatusCode.FAILED_PRECONDITION, nodes[0].session_details
+        for a in nodes:
+            await a.close()
+        await channel.close()
+
+    run(body())
+    log = master.log_file.read_text()
+    assert "\x1b" not in log and "\nFORGED" not in log
+    assert not any(line.startswith("2026-12-03 12:00:00,000") for line in log.splitlines())
+    assert "boom\\x1b[2J\\x1b[31m\\n2026-12-03" in log
+    res = subprocess.run(
+        [*CTL, "events", "--master", master.target, "--token-file", master.paths["admin_token_file"]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stdout and "boom\\x1b[2J" in res.stdout
+    assert all(not line.startswith("2026-12-03 12:00:00,000") for line in res.stdout.splitlines())
