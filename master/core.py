@@ -573,7 +573,15 @@ class Master:
             log.info("node %d (%s) re-registered", row.node_id, row.name)
         else:
             if known is not None and known.row.state != "dead":
-                # Same id, new nonce: the agent process restarted; its old incarnation is gone.
+                # Same id, another nonce: a restarted agent -- or someone else. A live session
+                # (attached and heartbeating) is never displaced: the id is re-claimed only once
+                # the old session is gone (its stream closed, or its heartbeats stopped).
+                if known.session is not None and now - known.last_seen_s <= self.config.heartbeat_timeout_s:
+                    raise MasterError(
+                        "ALREADY_EXISTS",
+                        f"node_id: node {known.row.node_id} is alive under another registration (its session "
+                        "is attached and heartbeating); a restarted agent registers once that session is gone",
+                    )
                 known.failed_reason = "agent restarted (new nonce)"
             live = sum(1 for n in self.nodes.values() if n.row.state != "dead")
             if live >= self.config.max_nodes:

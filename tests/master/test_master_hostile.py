@@ -135,3 +135,36 @@ def test_control_characters_from_a_node_reach_no_log_event_or_terminal_raw(maste
     assert res.returncode == 0, res.stderr
     assert "\x1b" not in res.stdout and "boom\\x1b[2J" in res.stdout
     assert all(not line.startswith("2026-12-03 12:00:00,000") for line in res.stdout.splitlines())
+
+
+def test_a_live_node_is_never_evicted_by_a_registration_with_its_id(master):
+    async def body():
+        channel, stub = admin_stub(master.target)
+        nodes = [await FakeAgent(master.target, f"n{i}").start() for i in range(2)]
+        await stub.SubmitJob(
+            admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(master.paths["profile"], steps=STEPS)), timeout=10
+        )
+        await wait_until_async(lambda s: s.state == admin_pb2.JOB_STATE_RUNNING, stub)
+        victim = nodes[0]
+        impostor = FakeAgent(master.target, "impostor", node_id=victim.node_id)  # its id, a fresh nonce
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await impostor.register()
+            assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS, err.value.details()
+            assert "is alive under another registration" in err.value.details()
+        s = await status(stub)
+        assert s.generation == 1 and s.nodes_dead == 0 and s.state == admin_pb2.JOB_STATE_RUNNING, s
+        assert victim.session_error is None
+        events = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+        assert "node_dead" not in [e.kind for e in events]
+
+        # Once the old session is gone (a crashed agent), the restarted one registers (a new node).
+        await victim.drop_session()
+        await wait_until_async(lambda s: s.nodes_dead == 1, stub)
+        await impostor.register()
+        assert impostor.node_id != victim.node_id
+        for a in [*nodes, impostor]:
+            await a.close()
+        await channel.close()
+
+    run(body())
