@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -150,14 +151,17 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self._lock_fd: int | None = None
         try:
             self._open()
         except (sqlite3.Error, OSError) as exc:
+            self._unlock()
             raise StoreError(self.path, "opening", exc) from exc
 
     def _open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._lock()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # created private (node nonces)
             os.close(fd)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
@@ -175,6 +179,29 @@ class Store:
 
     def close(self) -> None:
         self._conn.close()
+        self._unlock()
+
+    def _lock(self) -> None:
+        """One master per state file: an exclusive lock on ``<state file>.lock`` held for the
+        process's life (the kernel releases it when the process dies, even by SIGKILL)."""
+        lock_path = f"{self.path}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise sqlite3.OperationalError(
+                f"in use by another master (pid {holder}, lock {lock_path}); stop it or use another state file"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the lock
+            self._lock_fd = None
 
     # -- helpers -----------------------------------------------------------------------------
     class _Tx:

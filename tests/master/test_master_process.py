@@ -90,6 +90,20 @@ def test_an_unusable_state_file_is_one_line_naming_it(tmp_path):
         proc.stop()
 
 
+def test_a_second_master_on_the_same_state_file_exits_2_naming_the_holder(master):
+    master.start()
+    res = subprocess.run(master.argv, capture_output=True, text=True, timeout=60)  # same state file
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"state file {master.state_file}" in res.stderr, res.stderr
+    assert f"in use by another master (pid {master.proc.pid}" in res.stderr, res.stderr
+    # The lock goes with the holder, however it dies.
+    master.signal(signal.SIGKILL)
+    master.wait()
+    master.start()
+    assert master.proc.poll() is None
+
+
 def test_kill9_and_restart_keeps_generation_plan_and_commands(master):
     async def body():
         await asyncio.to_thread(master.start)
