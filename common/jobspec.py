@@ -256,6 +256,32 @@ def job_spec_from_dict(data: Any) -> JobSpec:
     return JobSpec(**kwargs)
 
 
+MAX_YAML_DEPTH = 32
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader, without aliases (``*name``: a few hundred bytes of nested aliases
+    expand to billions of values, a "billion laughs") and nested at most ``MAX_YAML_DEPTH`` deep.
+    A job spec needs neither."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            problem = "aliases (*name) are not allowed in a job spec"
+            raise yaml.composer.ComposerError(None, None, problem, event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def parse_job_spec(text: str | bytes) -> JobSpec:
     """Parse a YAML job spec. Malformed YAML and invalid fields raise ConfigError."""
     if isinstance(text, bytes):
@@ -268,12 +294,14 @@ def parse_job_spec(text: str | bytes) -> JobSpec:
     if len(text) > MAX_SPEC_BYTES:
         raise ConfigError("document", f"job spec is {len(text)} characters, more than {MAX_SPEC_BYTES}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError("document", f"malformed YAML{where}: {problem}") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of thousands of digits
+        raise ConfigError("document", f"unusable YAML: {str(exc)[:200]}") from exc
     if data is None:
         raise ConfigError("document", "empty job spec")
     return job_spec_from_dict(data)

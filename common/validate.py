@@ -51,14 +51,26 @@ def string(value: Any, field: str, *, choices: tuple[str, ...] | None = None, al
     return value
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def integer(value: Any, field: str, *, min_value: int | None = None, max_value: int | None = None) -> int:
+    """An integer within bounds; always within a signed 64-bit integer (what the master's state
+    file, protobuf and torch store), so that no value fails later, after memory was changed."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(field, f"expected an integer, got {_kind(value)}")
-    if min_value is not None and value < min_value:
-        raise ConfigError(field, f"must be >= {min_value}, got {value}")
-    if max_value is not None and value > max_value:
-        raise ConfigError(field, f"must be <= {max_value}, got {value}")
+    lo = INT64_MIN if min_value is None else max(min_value, INT64_MIN)
+    hi = INT64_MAX if max_value is None else min(max_value, INT64_MAX)
+    if value < lo:
+        raise ConfigError(field, f"must be >= {lo}, got {_short(value)}")
+    if value > hi:
+        raise ConfigError(field, f"must be <= {hi}, got {_short(value)}")
     return value
+
+
+def _short(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
 
 
 def number(

@@ -129,3 +129,31 @@ def test_load_job_spec_names_the_file(tmp_path):
         load_job_spec(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_job_spec(tmp_path / "nope.yaml")
+
+
+SPEC_HEAD = "model: {name: gpt}\nglobal_batch_size: 8\nmicrobatch_size: 1\n"
+BILLION_LAUGHS = "\n".join(
+    [f"l0: &l0 [{', '.join(['lol'] * 9)}]"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    + ["model: {name: gpt}", "global_batch_size: 8", "microbatch_size: 1", "steps: 5"]
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BILLION_LAUGHS, "aliases (*name) are not allowed"),
+        ("model: " + "[" * 100 + "]" * 100, "nested more than 32 levels deep"),
+        ("steps: 1" + "0" * 5000, "unusable YAML"),
+        (SPEC_HEAD + "steps: " + "9" * 30, "steps: must be <="),
+        (SPEC_HEAD + "steps: 5\nseed: " + "9" * 20, "seed: must be <="),
+    ],
+)
+def test_hostile_yaml_is_refused_quickly_naming_the_problem(text, message) -> None:
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        parse_job_spec(text)
+    assert message in str(err.value) and len(str(err.value)) < 400, str(err.value)
+    assert time.monotonic() - t0 < 1.0

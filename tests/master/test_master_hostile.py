@@ -168,3 +168,39 @@ def test_a_live_node_is_never_evicted_by_a_registration_with_its_id(master):
         await channel.close()
 
     run(body())
+
+
+def test_hostile_job_specs_are_refused_at_once_and_leave_no_phantom_job(master):
+    laughs = "\n".join(
+        [f"l0: &l0 [{', '.join(['lol'] * 9)}]"]
+        + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+        + ["model: {name: gpt}", "global_batch_size: 8", "microbatch_size: 1", "steps: 5"]
+    )
+    valid = job_spec_yaml(master.paths["profile"], steps=STEPS)
+
+    async def body():
+        channel, stub = admin_stub(master.target)
+        nodes = [await FakeAgent(master.target, f"n{i}").start() for i in range(2)]
+        for text, message in [
+            (laughs, "aliases (*name) are not allowed"),
+            ("model: " + "[" * 200 + "]" * 200, "nested more than 32 levels deep"),
+            (valid.replace(f"steps: {STEPS}", "steps: 100000000000000000000"), "steps: must be <="),
+        ]:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=text), timeout=10)
+            assert loop.time() - t0 < 1.0
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+            t0 = loop.time()
+            url = f"http://127.0.0.1:{master.info['http_port']}/healthz"
+            await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read())
+            assert loop.time() - t0 < 0.2
+        assert (await status(stub)).state == admin_pb2.JOB_STATE_NONE  # no phantom job
+        await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=valid), timeout=10)
+        await wait_until_async(lambda s: s.state == admin_pb2.JOB_STATE_RUNNING, stub)
+        for a in nodes:
+            await a.close()
+        await channel.close()
+
+    run(body())
