@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from oobleck.common.auth import aio_client_interceptors, sync_client_interceptors
+
+log = logging.getLogger(__name__)
 
 #: Default gRPC message size limit (both directions), set explicitly on servers and channels.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -94,7 +99,35 @@ class ServerTls:
     client_ca_file: str | None = None
 
 
+def check_server_files(cert_file: str, key_file: str, client_ca_file: str | None = None) -> None:
+    """Load the server's certificate chain and key (and the client CA) the way a TLS server
+    would: a file that is not PEM, a key that does not match the certificate, ... raise
+    TlsConfigError naming the file. An expired certificate (or one not valid yet) is logged."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(f"tls_cert_file {cert_file} / tls_key_file {key_file}: not a usable pair: {exc}") from None
+    if client_ca_file:
+        try:
+            context.load_verify_locations(client_ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsConfigError(f"tls_client_ca_file {client_ca_file}: not usable: {exc}") from None
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert_file)  # the stdlib's own PEM decoder
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+    except (AttributeError, KeyError, ValueError, ssl.SSLError, OSError):
+        return
+    now = time.time()
+    if now > not_after:
+        log.warning("tls_cert_file %s expired on %s: clients will refuse it", cert_file, decoded["notAfter"])
+    elif now < not_before:
+        log.warning("tls_cert_file %s is not valid before %s", cert_file, decoded["notBefore"])
+
+
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:
+    check_server_files(cert_file, key_file, client_ca_file)
     cert = _read(cert_file, "tls_cert_file")
     key = _read(key_file, "tls_key_file")
     if client_ca_file:
@@ -116,14 +149,19 @@ def channel_credentials(
 
 
 def add_port(server, address: str, *, tls: ServerTls | None, allow_insecure: bool) -> int:
-    """Bind ``address`` on a grpc(.aio) server with TLS or (checked) plaintext; return the port."""
-    if tls is not None:
-        port = server.add_secure_port(address, server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file))
-    else:
-        check_plaintext_allowed(address, allow_insecure)
-        port = server.add_insecure_port(address)
+    """Bind ``address`` on a grpc(.aio) server with TLS or (checked) plaintext; return the port.
+    Raises OSError naming the address (in use, not local) or TlsConfigError naming a TLS file."""
+    try:
+        if tls is not None:
+            creds = server_credentials(tls.cert_file, tls.key_file, tls.client_ca_file)
+            port = server.add_secure_port(address, creds)
+        else:
+            check_plaintext_allowed(address, allow_insecure)
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc: "Failed to bind to address ..."
+        port = 0
     if port == 0:
-        raise OSError(f"listen address {address!r}: could not bind")
+        raise OSError(f"listen address {address}: cannot bind (in use, or not an address of this host)")
     return port
 
 

@@ -38,6 +38,10 @@ async def start_http(server: Any, listen: str) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(make_app(server), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"http_listen {listen}: cannot bind ({exc.strerror or exc})") from None
     bound = runner.addresses[0][1]
     return runner, bound

@@ -379,6 +379,7 @@ class MasterServer:
             on_reject=lambda method, why: self.master.metrics.auth_failures.inc(),
         )
         server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_bytes))
+        self._server = server  # stopped by stop(), also when start() fails half-way
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.master), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.master), server)
         self._health = health.aio.HealthServicer()
@@ -391,7 +392,6 @@ class MasterServer:
         tls = ServerTls(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_client_ca_file) if cfg.tls_enabled else None
         self.grpc_port = add_port(server, cfg.listen, tls=tls, allow_insecure=cfg.allow_insecure)
         await server.start()
-        self._server = server
         for name in ("", AGENT_SERVICE, ADMIN_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if cfg.http_listen:
@@ -414,7 +414,11 @@ class MasterServer:
     async def run(self) -> None:
         """Start, serve until :meth:`request_stop` (or a supervised task fails), then stop."""
         if not self._started:
-            await self.start()
+            try:
+                await self.start()
+            except BaseException:
+                await self._abort_start()
+                raise
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.master.detector_loop(), name="detector")
@@ -423,6 +427,14 @@ class MasterServer:
             pass
         finally:
             await self.stop()
+
+    async def _abort_start(self) -> None:
+        """Release what a failed :meth:`start` had set up (the caller reports why)."""
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        if self._server is not None:
+            await self._server.stop(0)
+        await self.master.close()
 
     async def stop(self) -> None:
         """Stop accepting, give running RPCs ``shutdown_grace_s``, then stop. Safe to call twice."""

@@ -90,6 +90,33 @@ def test_an_unusable_state_file_is_one_line_naming_it(tmp_path):
         proc.stop()
 
 
+def test_a_busy_port_or_unusable_tls_files_are_one_line_and_exit_2(tmp_path):
+    import socket
+
+    proc = MasterProcess(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        garbage = tmp_path / "not-a-cert.pem"
+        garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+        for extra, message in [
+            ({"--listen": taken}, f"listen address {taken}: cannot bind"),
+            ({"--http-listen": taken}, taken),
+            ({"--tls-cert-file": str(garbage), "--tls-key-file": str(garbage)}, f"tls_cert_file {garbage}"),
+        ]:
+            argv = [*proc.argv]
+            for flag, value in extra.items():
+                if flag in argv:
+                    argv[argv.index(flag) + 1] = value
+                else:
+                    argv += [flag, value]
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            assert res.returncode == 2, res.stderr
+            ours = [line for line in res.stderr.splitlines() if line.startswith("oobleck-master:")]
+            assert len(ours) == 1 and message in ours[0] and "Traceback" not in res.stderr, res.stderr
+
+
 def test_a_second_master_on_the_same_state_file_exits_2_naming_the_holder(master):
     master.start()
     res = subprocess.run(master.argv, capture_output=True, text=True, timeout=60)  # same state file
