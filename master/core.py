@@ -41,6 +41,20 @@ MAX_EVENTS_IN_MEMORY = 10_000
 WATCH_QUEUE_SIZE = 1_000
 
 
+def degradation(pipelines: int, ft: int, idle: list[int]) -> str:
+    """Why a running job with ``pipelines`` pipelines and the live nodes ``idle`` left out is
+    degraded ("" when it is not)."""
+    reasons = []
+    if pipelines < ft + 1:
+        reasons.append(
+            f"{pipelines} pipeline{'s' if pipelines != 1 else ''}, fewer than ft+1 = {ft + 1}: one more failure "
+            "may lose every copy of some layer (a checkpoint restore)"
+        )
+    if idle:
+        reasons.append(f"nodes {idle} idle: no mix of templates uses them")
+    return "; ".join(reasons)
+
+
 class MasterError(Exception):
     """A request the master refuses; ``code`` is a grpc.StatusCode name."""
 
@@ -205,6 +219,7 @@ class Master:
         self._resume_wait: tuple[int, float, dict[str, float]] | None = None
         self.progress = GenerationProgress(0, frozenset(), 0, 0)  # the current generation's step reports
         self._ignored_from: set[int] = set()  # nodes whose ignored reports were logged (once each)
+        self._degraded = ""  # why the running job is degraded ("" when it is not)
         self._first_step_generation = 0  # newest generation whose first step report has arrived
         self._first_step_s = 0.0  # ... and when it arrived
         # Durability (see _save_fact): while the state file cannot be written, facts stay in
@@ -922,6 +937,8 @@ class Master:
             await self._record("node_left", f"{node.row.name} left ({why})", node_id=node_id)
         else:
             await self._record("node_dead", why, node_id=node_id, durations={"detect": detect_s})
+        if not in_plan:  # an idle spare gone (a plan node's death is judged after the next generation)
+            await self._check_degraded()
 
     # -- job start ------------------------------------------------------------------------------------------
     def _planning_nodes(self) -> list[planning.NodeInfo]:
@@ -1194,6 +1211,7 @@ class Master:
         else:
             what = f"restored at step {job.step}" if restored else "ready"
             await self._record("running", f"all nodes acked generation {generation} ({what})")
+        await self._check_degraded()
 
     # -- reconfiguration ------------------------------------------------------------------------------------
     async def _ensure_ctx(self) -> planning.PlanContext:
@@ -1278,6 +1296,7 @@ class Master:
             except planner.PlannerError as exc:
                 self._scale_tried = (job.generation, frozenset(added))
                 await self._record("scale_up_skipped", f"spares {list(added)} stay spares: {exc}")
+                await self._check_degraded()
                 return
             joined = sorted(set(layout.nodes) - {n for p in self.pipelines for n in p})
             try:
@@ -1363,6 +1382,31 @@ class Master:
         durations = {**durations, "notify": self.clock() - t1}
         recon_waits = [w for w in waits if w.row.kind in ("reconfigure", "start")]
         await self._settle(generation, recon_waits, self.config.reconfigure_ack_timeout_s, durations)
+
+    async def _check_degraded(self) -> None:
+        """Record (once per change) whether the running job is degraded: fewer pipelines than
+        ``ft + 1`` (one more failure may lose every copy of some layer), or live nodes left idle
+        (no template mix uses them); ``oobleck_degraded`` follows."""
+        job = self.job
+        if job is None or job.state != "RUNNING":
+            return
+        reason = degradation(
+            len(self.pipelines),
+            int(job.plan_json.get("ft", 0)),
+            sorted(
+                n.row.node_id
+                for n in self.nodes.values()
+                if n.row.state == "spare" and n.session is not None and n.failed_reason is None and not n.leaving
+            ),
+        )
+        if reason == self._degraded:
+            return
+        self._degraded = reason
+        self.metrics.degraded.set(1 if reason else 0)
+        if reason:
+            await self._record("degraded", f"generation {job.generation}: {reason}")
+        else:
+            await self._record("degraded_cleared", f"generation {job.generation}: ft+1 pipelines, no idle node")
 
     def _resumed(self, generation: int, resume_s: float) -> None:
         self._resume_wait = None

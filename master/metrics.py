@@ -42,6 +42,11 @@ class MasterMetrics:
             registry=r,
         )
         self.state_store_ok.set(1)
+        self.degraded = Gauge(
+            "oobleck_degraded",
+            "1 while the running job has fewer than ft+1 pipelines or leaves live nodes idle (see the degraded event)",
+            registry=r,
+        )
         self.reports_ignored = Counter(
             "oobleck_step_reports_ignored",
             "Step reports that did not count (stale generation, a node outside the plan, a step beyond the "

@@ -685,3 +685,29 @@ def test_failed_profiling_fails_the_submit_and_the_master_keeps_serving(tmp_path
             await close_all(agents, channel)
 
     run(body())
+
+
+def test_degraded_is_recorded_when_fewer_than_ft_plus_one_pipelines_or_idle_nodes(tmp_path):
+    async def body():
+        planner = make_fake_planner(nodes_per_pipeline=2)
+        async with running_master(tmp_path, planner=planner, scale_up_delay_s=0.3) as srv:
+            agents = await start_agents(srv, 4)
+            channel, stub = admin_stub(srv.target)
+            await submit(stub, srv)  # ft 1: two pipelines of two
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            assert srv.master.metrics.degraded._value.get() == 0
+            await agents[3].drop_session()
+            await wait_until(lambda: srv.master.metrics.degraded._value.get() == 1, what="degraded")
+            log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+            (degraded,) = [e for e in log if e.kind == "degraded"]
+            assert "1 pipeline, fewer than ft+1 = 2" in degraded.message, degraded.message
+            assert f"nodes [{agents[2].node_id}] idle" in degraded.message, degraded.message
+            late = await FakeAgent(srv.target, "late").start()  # the idle node gets a partner
+            await wait_until(lambda: srv.master.metrics.degraded._value.get() == 0, what="not degraded")
+            log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+            kinds = [e.kind for e in log]
+            assert kinds.count("degraded") == 1 and kinds.index("degraded") < kinds.index("degraded_cleared")
+            assert len(srv.master.pipelines) == 2
+            await close_all([*agents[:3], late], channel)
+
+    run(body())
