@@ -1,4 +1,4 @@
-"""``oobleckctl`` admin subcommands: status, nodes, events, submit, drain-node, kill-node, cancel.
+"""``oobleckctl`` admin subcommands: status, nodes, events, submit, drain-node, undrain-node, kill-node, cancel.
 
 Each talks to the master's AdminService with the admin token. Errors print one line
 (``oobleckctl: CODE: message``) and exit with status 2.
@@ -68,13 +68,15 @@ def add_admin_commands(subparsers: argparse._SubParsersAction) -> None:
         return p
 
     add("status", "show the job's state, generation, step and plan", _status)
-    add("nodes", "list registered nodes (alive, spare, draining, dead)", _nodes)
+    add("nodes", "list registered nodes (alive, spare, draining, drained, dead)", _nodes)
     p = add("events", "print the event log (reconfigurations with phase durations)", _events)
     p.add_argument("--since", type=int, default=0, metavar="ID", help="only events with id > ID")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p = add("submit", "submit a job spec (YAML) to the master", _submit)
     p.add_argument("job_spec", metavar="JOB.yaml")
-    p = add("drain-node", "move a node's work elsewhere and keep it as a spare", _drain)
+    p = add("drain-node", "move a node's work elsewhere and keep it out of every plan until undrain-node", _drain)
+    p.add_argument("node_id", type=int)
+    p = add("undrain-node", "make a drained node a spare again (a running job may grow onto it)", _undrain)
     p.add_argument("node_id", type=int)
     p = add("kill-node", "fault drill: the node's agent kills its workers and drops out", _kill)
     p.add_argument("node_id", type=int)
@@ -154,6 +156,11 @@ def _submit(args, stub, admin_pb2) -> None:
         _print_json(_to_dict(res))
     else:
         print(f"submitted job {res.job_id} (generation {res.generation})")
+
+
+def _undrain(args, stub, admin_pb2) -> None:
+    stub.UndrainNode(admin_pb2.UndrainNodeRequest(node_id=args.node_id), timeout=args.timeout_s)
+    _print_json({"undrained": args.node_id}) if args.json else print(f"node {args.node_id} is a spare again")
 
 
 def _drain(args, stub, admin_pb2) -> None:

@@ -360,7 +360,7 @@ class Master:
 
     def status(self) -> StatusView:
         counts = self._counts()
-        alive = counts.get("alive", 0) + counts.get("spare", 0) + counts.get("draining", 0)
+        alive = sum(counts.get(state, 0) for state in ("alive", "spare", "draining", "drained"))
         view = StatusView(nodes_alive=alive, nodes_dead=counts.get("dead", 0), spares=counts.get("spare", 0))
         if self.job is not None:
             job = self.job
@@ -790,7 +790,7 @@ class Master:
             log.warning("node %d: command %d (%s) failed: %s", node_id, command_id, pc.row.kind, error)
         if pc.row.kind == "drain" and node_id in self.nodes and self.nodes[node_id].row.state == "draining":
             row = self.nodes[node_id].row
-            row.state, row.reason = "spare", "drained"
+            row.state = "drained"  # out of every plan until undrained
             await self._save_fact("save_node", row)
             self._update_node_metrics()
         pc.profile_json = profile_json
@@ -1543,11 +1543,16 @@ class Master:
         return node
 
     async def drain_node(self, node_id: int) -> None:
+        """Keep node ``node_id`` out of every plan until :meth:`undrain_node`: a spare at once; a
+        node of the running plan after the next generation moved its work elsewhere."""
         node = self._existing(node_id)
         self._require_store()
-        if node.row.state == "dead":
-            raise MasterError("FAILED_PRECONDITION", f"node_id: node {node_id} is dead")
-        if node.row.state != "alive" or self.job is None or self.job.state not in ACTIVE_JOB_STATES:
+        if node.row.state in ("dead", "drained", "draining"):
+            raise MasterError("FAILED_PRECONDITION", f"node_id: node {node_id} is {node.row.state}")
+        if node.row.state == "spare":
+            await self._set_node_state(node, "drained", "drained by operator", "node_drained", "operator drained it")
+            return
+        if self.job is None or self.job.state not in ACTIVE_JOB_STATES:
             raise MasterError(
                 "FAILED_PRECONDITION", f"node_id: node {node_id} is {node.row.state}, not part of a running plan"
             )
@@ -1555,6 +1560,22 @@ class Master:
         if self._pending_since is None:
             self._pending_since = self.clock()
         await self._record("drain_requested", f"operator drains node {node_id}", node_id=node_id)
+
+    async def undrain_node(self, node_id: int) -> None:
+        """A drained node becomes a spare again (a running job may scale up onto it)."""
+        node = self._existing(node_id)
+        if node.row.state != "drained":
+            raise MasterError("FAILED_PRECONDITION", f"node_id: node {node_id} is {node.row.state}, not drained")
+        await self._set_node_state(node, "spare", "", "node_undrained", "operator undrained it: a spare again")
+
+    async def _set_node_state(self, node: NodeRuntime, state: str, reason: str, kind: str, message: str) -> None:
+        """An operator's change of one node's state, persisted before it counts."""
+        with self._transaction():
+            node.row.state, node.row.reason = state, reason
+            event = self._new_event(kind, f"{node.row.name}: {message}", node_id=node.row.node_id)
+            await self._commit_and_send([], [event], [node.row], save_job=False)
+        node.joined_s = self.clock()  # a spare again: the scale-up delay starts now
+        self._update_node_metrics()
 
     async def kill_node(self, node_id: int) -> None:
         node = self._existing(node_id)

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from oobleck.master.progress import REASONS
 
 PHASES = ("detect", "plan", "notify", "regroup", "copy", "resume")
-NODE_STATES = ("alive", "spare", "draining", "dead")
+NODE_STATES = ("alive", "spare", "draining", "drained", "dead")
 
 
 class MasterMetrics:
@@ -64,7 +64,7 @@ class MasterMetrics:
     def set_node_counts(self, counts: dict[str, int]) -> None:
         for state in NODE_STATES:
             self.nodes.labels(state=state).set(counts.get(state, 0))
-        self.nodes_alive.set(counts.get("alive", 0) + counts.get("spare", 0) + counts.get("draining", 0))
+        self.nodes_alive.set(sum(counts.get(state, 0) for state in ("alive", "spare", "draining", "drained")))
 
     def observe_phases(self, durations_s: dict[str, float]) -> None:
         for phase, seconds in durations_s.items():

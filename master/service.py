@@ -319,6 +319,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await _abort(context, exc)
         return admin_pb2.DrainNodeResponse()
 
+    async def UndrainNode(self, request, context):
+        try:
+            await self.master.undrain_node(_int(request.node_id, "node_id", 1, 1 << 62))
+        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
+            await _abort(context, exc)
+        return admin_pb2.UndrainNodeResponse()
+
     async def KillNode(self, request, context):
         try:
             await self.master.kill_node(_int(request.node_id, "node_id", 1, 1 << 62))

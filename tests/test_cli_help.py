@@ -45,7 +45,17 @@ def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_oobleckctl_help_lists_exactly_its_subcommands():
     implemented = _subcommands(ctl.build_parser())
-    assert implemented == {"status", "nodes", "events", "submit", "drain-node", "kill-node", "cancel", "plan"}
+    assert implemented == {
+        "status",
+        "nodes",
+        "events",
+        "submit",
+        "drain-node",
+        "undrain-node",
+        "kill-node",
+        "cancel",
+        "plan",
+    }
     result = subprocess.run([str(BIN / "oobleckctl"), "--help"], capture_output=True, text=True, timeout=60)
     section = result.stdout.split("commands:", 1)[1]
     # Every command line: 4 spaces, the name, then its help; continuation lines are indented deeper.

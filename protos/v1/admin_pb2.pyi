@@ -27,6 +27,7 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_SPARE: _ClassVar[NodeState]
     NODE_STATE_DRAINING: _ClassVar[NodeState]
     NODE_STATE_DEAD: _ClassVar[NodeState]
+    NODE_STATE_DRAINED: _ClassVar[NodeState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_NONE: JobState
 JOB_STATE_STARTING: JobState
@@ -41,6 +42,7 @@ NODE_STATE_ALIVE: NodeState
 NODE_STATE_SPARE: NodeState
 NODE_STATE_DRAINING: NodeState
 NODE_STATE_DEAD: NodeState
+NODE_STATE_DRAINED: NodeState
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("job_spec_yaml",)
@@ -164,6 +166,16 @@ class DrainNodeRequest(_message.Message):
     def __init__(self, node_id: _Optional[int] = ...) -> None: ...
 
 class DrainNodeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UndrainNodeRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: int
+    def __init__(self, node_id: _Optional[int] = ...) -> None: ...
+
+class UndrainNodeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -59,6 +59,11 @@ class AdminServiceStub:
                 request_serializer=oobleck_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
                 response_deserializer=oobleck_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
+        self.UndrainNode = channel.unary_unary(
+                '/oobleck.v1.AdminService/UndrainNode',
+                request_serializer=oobleck_dot_v1_dot_admin__pb2.UndrainNodeRequest.SerializeToString,
+                response_deserializer=oobleck_dot_v1_dot_admin__pb2.UndrainNodeResponse.FromString,
+                _registered_method=True)
         self.KillNode = channel.unary_unary(
                 '/oobleck.v1.AdminService/KillNode',
                 request_serializer=oobleck_dot_v1_dot_admin__pb2.KillNodeRequest.SerializeToString,
@@ -99,7 +104,15 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DrainNode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Move a node's work elsewhere (at a step boundary) and keep it out of every plan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndrainNode(self, request, context):
+        """A drained node becomes a spare again (the master may grow the plan onto it).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -144,6 +157,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DrainNode,
                     request_deserializer=oobleck_dot_v1_dot_admin__pb2.DrainNodeRequest.FromString,
                     response_serializer=oobleck_dot_v1_dot_admin__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'UndrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndrainNode,
+                    request_deserializer=oobleck_dot_v1_dot_admin__pb2.UndrainNodeRequest.FromString,
+                    response_serializer=oobleck_dot_v1_dot_admin__pb2.UndrainNodeResponse.SerializeToString,
             ),
             'KillNode': grpc.unary_unary_rpc_method_handler(
                     servicer.KillNode,
@@ -291,6 +309,33 @@ class AdminService:
             '/oobleck.v1.AdminService/DrainNode',
             oobleck_dot_v1_dot_admin__pb2.DrainNodeRequest.SerializeToString,
             oobleck_dot_v1_dot_admin__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oobleck.v1.AdminService/UndrainNode',
+            oobleck_dot_v1_dot_admin__pb2.UndrainNodeRequest.SerializeToString,
+            oobleck_dot_v1_dot_admin__pb2.UndrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

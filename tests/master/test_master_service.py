@@ -384,25 +384,40 @@ def test_a_restore_obligation_outlives_the_generation_that_had_it(tmp_path):
     run(body())
 
 
-def test_drain_kill_cancel(tmp_path):
+def test_drain_undrain_kill_cancel(tmp_path):
     async def body():
-        async with running_master(tmp_path) as srv:
+        async with running_master(tmp_path, scale_up_delay_s=0.2) as srv:
             agents = await start_agents(srv, 3)
             channel, stub = admin_stub(srv.target)
             await submit(stub, srv)
             await wait_until(lambda: state_of(srv) == "RUNNING")
-            await stub.DrainNode(admin_pb2.DrainNodeRequest(node_id=agents[2].node_id), timeout=5)
-            await wait_until(lambda: srv.master.nodes[agents[2].node_id].row.state == "spare", what="drained")
+            drained = agents[2].node_id
+            await stub.DrainNode(admin_pb2.DrainNodeRequest(node_id=drained), timeout=5)
+            await wait_until(lambda: srv.master.nodes[drained].row.state == "drained", what="drained")
             assert agents[2].kinds() == ["start", "drain"]
             assert srv.master.generation == 2 and srv.master.pipelines == ((1,), (2,))
+            # The plan grows onto a new node, never onto the drained one (it stays drained)...
+            late = await FakeAgent(srv.target, "late").start()
+            await wait_until(lambda: srv.master.generation == 3 and state_of(srv) == "RUNNING", what="scale-up")
+            assert drained not in {n for p in srv.master.pipelines for n in p}
+            listed = await stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)
+            assert {n.node_id: n.state for n in listed.nodes}[drained] == admin_pb2.NODE_STATE_DRAINED
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.DrainNode(admin_pb2.DrainNodeRequest(node_id=drained), timeout=5)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is drained" in err.value.details()
+            # ... until the operator undrains it.
+            await stub.UndrainNode(admin_pb2.UndrainNodeRequest(node_id=drained), timeout=5)
+            await wait_until(lambda: drained in {n for p in srv.master.pipelines for n in p}, what="undrained")
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            assert srv.master.generation == 4
             await stub.KillNode(admin_pb2.KillNodeRequest(node_id=agents[1].node_id), timeout=5)
             await wait_until(lambda: "kill" in agents[1].kinds())
             await agents[1].drop_session()  # the agent exits on Kill
-            await wait_until(lambda: srv.master.generation == 3 and state_of(srv) == "RUNNING")
+            await wait_until(lambda: srv.master.generation == 5 and state_of(srv) == "RUNNING")
             await stub.CancelJob(admin_pb2.CancelJobRequest(reason="done testing"), timeout=5)
             assert state_of(srv) == "CANCELLED"
             await wait_until(lambda: agents[0].kinds()[-1] == "stop")
-            await close_all(agents, channel)
+            await close_all([*agents, late], channel)
 
     run(body())
 

@@ -106,16 +106,16 @@ def test_kill9_of_an_agent_gives_one_reconfiguration(tmp_path):
             events = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0), timeout=5)]
             assert [e.kind for e in events].count("reconfiguring") == 1
 
-            # Drain: node2 leaves the plan by a reconfiguration, stops its workers and stays a spare.
+            # Drain: node2 leaves the plan by a reconfiguration, stops its workers and stays drained.
             await stub.DrainNode(admin_pb2.DrainNodeRequest(node_id=by_name["node2"]), timeout=5)
             for _ in range(1000):
                 states = {n.node_id: n.state for n in await nodes()}
-                if states[by_name["node2"]] == admin_pb2.NODE_STATE_SPARE and await running(3):
+                if states[by_name["node2"]] == admin_pb2.NODE_STATE_DRAINED and await running(3):
                     break
                 await asyncio.sleep(0.02)
-            assert states[by_name["node2"]] == admin_pb2.NODE_STATE_SPARE and status.generation == 3
+            assert states[by_name["node2"]] == admin_pb2.NODE_STATE_DRAINED and status.generation == 3
             assert [list(p.node_ids) for p in status.plan.pipelines] == [[by_name["node0"]]]
-            # Kill drill on a spare: the agent exits with status 1 and the node is declared dead.
+            # Kill drill on a drained node: the agent exits with status 1 and the node is declared dead.
             await stub.KillNode(admin_pb2.KillNodeRequest(node_id=by_name["node2"]), timeout=5)
             assert await asyncio.to_thread(procs[2].wait, 20) == 1
             for _ in range(1000):
