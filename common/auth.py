@@ -87,20 +87,22 @@ def token_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> str | Non
     return None
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same arity as ``handler`` that aborts with UNAUTHENTICATED."""
+def _abort_handler(handler: grpc.RpcMethodHandler, method: str, why: str) -> grpc.RpcMethodHandler:
+    """A handler of the same arity as ``handler`` that logs the refusal with the peer's address
+    and aborts with UNAUTHENTICATED. The request is never parsed (raw bytes): a garbage body from
+    a caller without a token is refused as unauthenticated, not as a parse error."""
+    message = f"{why} (send metadata 'authorization: Bearer <token>')"
 
     async def abort_unary(request_or_iterator, context):
+        log.warning("rejected %s from %s: %s", method, context.peer(), why)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def abort_stream(request_or_iterator, context):
+        log.warning("rejected %s from %s: %s", method, context.peer(), why)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(abort_unary, **kwargs)
     if handler.unary_stream:
@@ -152,10 +154,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         why = "missing bearer token" if given is None else "wrong bearer token"
         if expected is None:
             why = "method not open to any token"
-        log.warning("rejected %s: %s", method, why)
         if self._on_reject is not None:
             self._on_reject(method, why)
-        return _abort_handler(handler, f"{why} (send metadata 'authorization: Bearer <token>')")
+        return _abort_handler(handler, method, why)
 
 
 class _AioBearerBase:

@@ -204,3 +204,21 @@ def test_hostile_job_specs_are_refused_at_once_and_leave_no_phantom_job(master):
         await channel.close()
 
     run(body())
+
+
+def test_a_garbage_body_without_a_token_is_unauthenticated_and_logged_with_the_peer(master):
+    async def body():
+        async with grpc.aio.insecure_channel(master.target) as channel:
+            for method in ("/oobleck.v1.AdminService/SubmitJob", "/oobleck.v1.AgentService/Register"):
+                call = channel.unary_unary(method)  # raw bytes, no serializer
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(b"\xff\xfe\x00 not a protobuf message at all \x08\x96", timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        channel, stub = admin_stub(master.target)
+        assert (await status(stub)).state == admin_pb2.JOB_STATE_NONE  # still serving
+        await channel.close()
+
+    run(body())
+    log = master.log_file.read_text()
+    assert "rejected /oobleck.v1.AdminService/SubmitJob from ipv4:127.0.0.1:" in log, log[-2000:]
+    assert "rejected /oobleck.v1.AgentService/Register from ipv4:127.0.0.1:" in log
