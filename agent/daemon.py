@@ -44,7 +44,7 @@ from oobleck.agent.config import MAX_UNIX_SOCKET_PATH, AgentConfig
 from oobleck.agent.processes import kill_processes_now, spawn_worker, stop_processes
 from oobleck.agent.profiling import ProfileFailed, run_profiler
 from oobleck.agent.supervision import LivenessConfig, Verdict, WorkerProbe, decide_worker, read_proc_state
-from oobleck.common.auth import bearer_metadata
+from oobleck.common.auth import TokenFileError, bearer_metadata, read_token_file
 from oobleck.common.jobspec import parse_job_spec
 from oobleck.common.tls import ClientTls, aio_channel
 from oobleck.common.validate import ConfigError
@@ -213,6 +213,7 @@ class Agent:
         self._stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_token_reload)
         status = 0
         killed = False
         server = None
@@ -252,9 +253,24 @@ class Agent:
                 await channel.close()
             self._store = None
             await asyncio.to_thread(self._cleanup_dirs)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         return status
+
+    def _request_token_reload(self) -> None:
+        """SIGHUP: re-read the token file (off the event loop); later calls use the new token (the
+        master accepts the old one for its rotation grace period)."""
+        self._run_in_background(self._reload_token())
+
+    async def _reload_token(self) -> None:
+        try:
+            token = await asyncio.to_thread(read_token_file, self.config.token_file)
+        except TokenFileError as exc:
+            log.error("token not reloaded (the current one stays in use): %s", exc)
+            return
+        changed = bearer_metadata(token) != self._metadata
+        self._metadata = bearer_metadata(token)
+        log.warning("token file re-read: %s", "a new token" if changed else "unchanged")
 
     def emergency_cleanup(self) -> None:
         """Synchronous last resort (the event loop died): SIGKILL every worker."""

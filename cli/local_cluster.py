@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oobleck.common.files import write_secret
 from oobleck.common.procs import wait_pid_gone
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,6 @@ ENV_WORK_DIR = "OOBLECK_WORK_DIR"
 
 class ClusterError(RuntimeError):
     """A daemon failed to start or died; the message names it and quotes its log's tail."""
-
-
-def write_secret(path: Path, text: str) -> None:
-    """Write ``text`` to a new file readable by its owner only (0600)."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
 
 
 def log_tail(path: Path, limit: int = 2000) -> str:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import stat
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 AUTH_METADATA_KEY = "authorization"
 BEARER_PREFIX = "Bearer "
 MAX_TOKEN_BYTES = 4096
+MIN_TOKEN_CHARS = 16
 
 #: Services every client may call without a token.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -41,12 +45,28 @@ class TokenFileError(ValueError):
 
 
 def read_token_file(path: str | Path) -> str:
-    """Read one token from ``path`` (surrounding whitespace stripped). Raises :class:`TokenFileError`."""
+    """Read one token from ``path`` (surrounding whitespace stripped). Raises :class:`TokenFileError`
+    naming the file for anything but a private regular file holding one token of at least
+    ``MIN_TOKEN_CHARS`` characters. The file is opened non-blocking and read up to a bound (a FIFO
+    or ``/dev/zero`` named by mistake cannot block or exhaust the reader)."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         raise TokenFileError(f"token file {str(p)!r}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TokenFileError(f"token file {str(p)!r}: not a regular file")
+        if info.st_mode & 0o077:
+            raise TokenFileError(
+                f"token file {str(p)!r}: readable by others (mode {info.st_mode & 0o777:o}); chmod 600 {str(p)!r}"
+            )
+        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise TokenFileError(f"token file {str(p)!r}: cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
     if len(raw) > MAX_TOKEN_BYTES:
         raise TokenFileError(f"token file {str(p)!r}: larger than {MAX_TOKEN_BYTES} bytes")
     try:
@@ -57,7 +77,42 @@ def read_token_file(path: str | Path) -> str:
         raise TokenFileError(f"token file {str(p)!r}: empty")
     if any(ch.isspace() for ch in token):
         raise TokenFileError(f"token file {str(p)!r}: must hold one token without inner whitespace")
+    if len(token) < MIN_TOKEN_CHARS:
+        raise TokenFileError(
+            f"token file {str(p)!r}: the token has {len(token)} characters, fewer than {MIN_TOKEN_CHARS} "
+            "(use a long random one, e.g. `openssl rand -hex 32`)"
+        )
     return token
+
+
+class RotatingToken:
+    """A token file that can be re-read (on SIGHUP): the new token is accepted at once and the
+    previous one for ``grace_s`` more, so that clients can move to the new one without a restart."""
+
+    def __init__(self, path: str | Path, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = str(path)
+        self.grace_s = grace_s
+        self.clock = clock
+        self.current = read_token_file(path)
+        self.previous: str | None = None
+        self._previous_until = 0.0
+
+    def peek(self) -> str:
+        """The token in the file now (raises TokenFileError); changes nothing."""
+        return read_token_file(self.path)
+
+    def use(self, token: str) -> bool:
+        """Make ``token`` (read by :meth:`peek`) current; False when it already was."""
+        if token == self.current:
+            return False
+        self.previous, self._previous_until = self.current, self.clock() + self.grace_s
+        self.current = token
+        return True
+
+    def accepts(self, given: str | None) -> bool:
+        if tokens_equal(given, self.current):
+            return True
+        return self.previous is not None and self.clock() < self._previous_until and tokens_equal(given, self.previous)
 
 
 def tokens_equal(given: str | bytes | None, expected: str | bytes) -> bool:
@@ -115,8 +170,8 @@ def _abort_handler(handler: grpc.RpcMethodHandler, method: str, why: str) -> grp
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires a bearer token per service.
 
-    ``tokens`` maps a method prefix (``"/oobleck.v1.AdminService/"``) to the token it needs, or
-    to a zero-argument callable returning it (so a token file can be re-read). Methods matching
+    ``tokens`` maps a method prefix (``"/oobleck.v1.AdminService/"``) to the token it needs, to a
+    zero-argument callable returning it, or to a :class:`RotatingToken`. Methods matching
     ``open_prefixes`` pass without a token; any other method is refused (closed by default).
     ``on_reject(method, peer_hint)`` is called for each refusal (e.g. to count it).
     """
@@ -134,11 +189,17 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._open = tuple(open_prefixes)
         self._on_reject = on_reject
 
-    def _expected(self, method: str) -> str | None:
+    def _checker(self, method: str):
         for prefix, tok in self._tokens.items():
             if method.startswith(prefix):
-                return tok() if callable(tok) else tok
+                return tok
         return None
+
+    @staticmethod
+    def _accepts(checker, given: str | None) -> bool:
+        if isinstance(checker, RotatingToken):
+            return checker.accepts(given)
+        return tokens_equal(given, checker() if callable(checker) else checker)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method or ""
@@ -147,9 +208,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
             return None
-        expected = self._expected(method)
+        expected = self._checker(method)
         given = token_from_metadata(handler_call_details.invocation_metadata)
-        if expected is not None and tokens_equal(given, expected):
+        if expected is not None and self._accepts(expected, given):
             return handler
         why = "missing bearer token" if given is None else "wrong bearer token"
         if expected is None:

@@ -44,3 +44,12 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object], *, mode
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` (and a newline) to a new file readable by its owner only (0600)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")

@@ -50,6 +50,7 @@ class MasterConfig:
     coalesce_window_s: float = 0.2
     restart_grace_s: float = 10.0  # after a master restart: time for agents to re-attach
     state_retry_s: float = 1.0  # while the state file cannot be written: how often the write is retried
+    token_rotation_grace_s: float = 600.0  # after SIGHUP re-reads new tokens, the old ones stay valid this long
     detect_tick_s: float = 0.05
     start_ack_timeout_s: float = 120.0
     reconfigure_ack_timeout_s: float = 60.0
@@ -97,6 +98,7 @@ class MasterConfig:
         v.number(self.coalesce_window_s, "coalesce_window_s", min_value=0.0, max_value=60)
         v.number(self.restart_grace_s, "restart_grace_s", min_value=0.0, max_value=3600)
         v.number(self.state_retry_s, "state_retry_s", min_value=0.01, max_value=3600)
+        v.number(self.token_rotation_grace_s, "token_rotation_grace_s", min_value=0.0, max_value=7 * 24 * 3600)
         v.number(self.detect_tick_s, "detect_tick_s", min_value=0.001, max_value=10)
         v.number(self.start_ack_timeout_s, "start_ack_timeout_s", min_value=0.0, exclusive_min=True)
         v.number(self.reconfigure_ack_timeout_s, "reconfigure_ack_timeout_s", min_value=0.0, exclusive_min=True)

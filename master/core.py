@@ -493,7 +493,9 @@ class Master:
                 f"{exc}: the master keeps serving and refuses state changes until it can write again",
             )
             self._unsaved_events.append(ev)
-            self._publish(ev)
+            # Published after whatever failed to be written (an event with a lower id, which its
+            # caller publishes next): watchers see events in id order.
+            asyncio.get_running_loop().call_soon(self._publish, ev)
 
     def _require_store(self) -> None:
         if self.store_failure is not None:

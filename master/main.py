@@ -39,6 +39,7 @@ async def _serve(config, planner=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.request_token_reload)
     await server.run()
 
 

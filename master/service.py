@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from oobleck.common.auth import TokenAuthInterceptor, read_token_file
+from oobleck.common.auth import RotatingToken, TokenAuthInterceptor, TokenFileError
 from oobleck.common.jobspec import MAX_SPEC_BYTES
 from oobleck.common.text import escape_control
 from oobleck.common.tls import ServerTls, add_port, server_options
@@ -41,6 +41,14 @@ MAX_PROFILE_CHARS = 4 << 20  # an oobleck-profile/1 document in a Profile ack
 class _Invalid(Exception):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
+
+
+def _check_distinct(agent_token: str, admin_token: str) -> None:
+    if agent_token == admin_token:
+        raise TokenFileError(
+            "token_file and admin_token_file hold the same token: every agent could act as an operator; "
+            "give each role its own token"
+        )
 
 
 def _text(value: str, field: str, *, max_chars: int = MAX_NAME_CHARS, allow_empty: bool = False) -> str:
@@ -375,14 +383,19 @@ class MasterServer:
         self._http_runner: Any = None
         self._stop = asyncio.Event()
         self._started = False
+        self._agent_token: RotatingToken | None = None
+        self._admin_token: RotatingToken | None = None
+        self._reloads: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         cfg = self.config
-        agent_token = await asyncio.to_thread(read_token_file, cfg.token_file)
-        admin_token = await asyncio.to_thread(read_token_file, cfg.admin_token_file)
+        grace = cfg.token_rotation_grace_s
+        self._agent_token = await asyncio.to_thread(RotatingToken, cfg.token_file, grace)
+        self._admin_token = await asyncio.to_thread(RotatingToken, cfg.admin_token_file, grace)
+        _check_distinct(self._agent_token.current, self._admin_token.current)
         await self.master.open()
         interceptor = TokenAuthInterceptor(
-            {f"/{AGENT_SERVICE}/": agent_token, f"/{ADMIN_SERVICE}/": admin_token},
+            {f"/{AGENT_SERVICE}/": self._agent_token, f"/{ADMIN_SERVICE}/": self._admin_token},
             on_reject=lambda method, why: self.master.metrics.auth_failures.inc(),
         )
         server = grpc.aio.server(interceptors=[interceptor], options=server_options(cfg.max_message_bytes))
@@ -413,6 +426,30 @@ class MasterServer:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_token_reload(self) -> None:
+        """SIGHUP: re-read both token files (off the event loop)."""
+        if self._agent_token is not None:
+            task = asyncio.get_running_loop().create_task(self.reload_tokens())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    async def reload_tokens(self) -> None:
+        """Use the tokens now in the token files; the previous ones stay valid for
+        ``token_rotation_grace_s``. A bad file (or the same token for both roles) keeps the
+        current tokens and is logged."""
+        try:
+            agent = await asyncio.to_thread(self._agent_token.peek)
+            admin = await asyncio.to_thread(self._admin_token.peek)
+            _check_distinct(agent, admin)
+        except TokenFileError as exc:
+            log.error("tokens not reloaded (the current ones stay in use): %s", exc)
+            return
+        changed = [name for name, rot, tok in (("agent", self._agent_token, agent), ("admin", self._admin_token, admin))
+                   if rot.use(tok)]  # fmt: skip
+        grace = self.config.token_rotation_grace_s
+        log.warning("tokens reloaded: %s", f"new {' and '.join(changed)} token (the old one is accepted for {grace:g}s)"
+                    if changed else "unchanged")  # fmt: skip
 
     async def _wait_stop(self) -> None:
         await self._stop.wait()

@@ -178,12 +178,13 @@ def rss_mb(pid: int) -> float:
 async def driver(args) -> dict:
     import grpc
 
+    from oobleck.common.files import write_secret
     from oobleck.common.tls import aio_channel
     from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc
 
     tmp = Path(tempfile.mkdtemp(prefix="oobleck-bench-"))
-    (tmp / "agent.token").write_text(secrets.token_hex(16))
-    (tmp / "admin.token").write_text(secrets.token_hex(16))
+    write_secret(tmp / "agent.token", secrets.token_hex(16))
+    write_secret(tmp / "admin.token", secrets.token_hex(16))
     ready = tmp / "ready.json"
     master_argv = [
         str(Path(sys.executable).parent / "oobleck-master"), "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",

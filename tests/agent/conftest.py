@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from oobleck.common.files import write_secret
 from oobleck.common.procs import wait_pid_gone
 
 from .fake_master import FakeMaster
 
 BIN = Path(sys.executable).parent
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
-TOKEN = "agent-test-token"
+TOKEN = "agent-test-token-" + "c" * 16
 
 
 @dataclass
@@ -42,7 +43,7 @@ class AgentProcess:
 @pytest.fixture
 def token_file(tmp_path):
     path = tmp_path / "agent.token"
-    path.write_text(TOKEN + "\n")
+    write_secret(path, TOKEN)
     return path
 
 

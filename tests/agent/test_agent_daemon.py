@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from oobleck.common.files import write_secret
 from oobleck.common.tls import ServerTls
 from oobleck.protos.v1 import agent_pb2
 
@@ -332,7 +333,7 @@ def test_kill_drill_exits_without_ack(master, start_agent):
 
 def test_wrong_token_is_fatal(master, start_agent, tmp_path):
     wrong = tmp_path / "wrong.token"
-    wrong.write_text("nope\n")
+    write_secret(wrong, "a-wrong-agent-token-of-some-length")
     agent = start_agent(token=wrong)
     assert agent.wait() == 1
     assert "UNAUTHENTICATED" in agent.log()
@@ -426,3 +427,19 @@ def test_profile_command_runs_the_profiler_and_acks_with_the_profile(master, sta
     assert not ack.ok and "the profiler exited with 2" in ack.error and "num_heads" in ack.error, ack.error
     master.wait_for("heartbeat", after=master.mark(), count=2)
     assert not master.events("failure")
+
+
+def test_sighup_rereads_the_token_file(master, start_agent, token_file):
+    """The operator rotates the agent token: SIGHUP makes the agent use the file's new token for
+    its next calls (here the fake master knows only the old one, so re-registering fails)."""
+    agent = start_agent()
+    registered(master, agent)
+    write_secret(token_file, "a-rotated-agent-token-0123456789")
+    agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "token file re-read: a new token" not in agent.log():
+        assert time.monotonic() < deadline and agent.proc.poll() is None, agent.log()
+        time.sleep(0.05)
+    master.break_session()
+    assert agent.wait() == 1  # the new token is refused by this master: fatal, as a wrong token is
+    assert "master refused registration: UNAUTHENTICATED" in agent.log()

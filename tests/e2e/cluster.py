@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from oobleck.common.files import write_secret
 from oobleck.common.procs import wait_pid_gone
 from oobleck.common.tls import sync_channel
 from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc
@@ -110,8 +111,8 @@ class Cluster:
     def __init__(self, root: Path, *, heartbeat_interval_s: float = 0.1, heartbeat_timeout_s: float = 1.0) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        (root / "agent.token").write_text(AGENT_TOKEN + "\n")
-        (root / "admin.token").write_text(ADMIN_TOKEN + "\n")
+        write_secret(root / "agent.token", AGENT_TOKEN)
+        write_secret(root / "admin.token", ADMIN_TOKEN)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.master_args: list[str] = []  # extra master flags, set before start()

@@ -13,6 +13,7 @@ import pytest
 
 from oobleck.cli import launch
 from oobleck.cli.local_cluster import LocalCluster, LocalClusterConfig
+from oobleck.common.files import write_secret
 
 from .conftest import FAKE_WORKER_COMMAND, PROFILE, pids_under, spec_text, wait_pid_gone
 
@@ -151,7 +152,7 @@ def test_submit_to_a_running_master_with_the_kill_node_drill(tmp_path):
         target = cluster.wait_master()
         cluster.start_agents()
         assert len(cluster.wait_agents()) == 2
-        (tmp_path / "wrong.token").write_text("not-the-admin-token\n")
+        write_secret(tmp_path / "wrong.token", "not-the-admin-token-but-long-enough")
         wrong = subprocess.run(
             [*base, "--master", target, "--token-file", str(tmp_path / "wrong.token")],
             capture_output=True, text=True, env=env, timeout=60,

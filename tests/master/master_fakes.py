@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import grpc
 
+from oobleck.common.files import write_secret
 from oobleck.common.tls import ClientTls, aio_channel
 from oobleck.planner import errors as planner_errors
 from oobleck.planner import types as pt
@@ -129,8 +130,8 @@ def job_spec_yaml(profile_path: str | None, *, steps: int = 100, name: str = "t"
 def write_setup(tmp: Path) -> dict[str, str]:
     """Token files and a profile file; returns their paths."""
     tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "agent.token").write_text(AGENT_TOKEN + "\n")
-    (tmp / "admin.token").write_text(ADMIN_TOKEN + "\n")
+    write_secret(tmp / "agent.token", AGENT_TOKEN)
+    write_secret(tmp / "admin.token", ADMIN_TOKEN)
     (tmp / "profile.json").write_text(json.dumps({"model": "fake"}))
     return {
         "token_file": str(tmp / "agent.token"),

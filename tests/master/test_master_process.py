@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import grpc
 import pytest
 from master_fakes import FakeAgent, MasterProcess, admin_stub, job_spec_yaml, wait_until
 
+from oobleck.common.files import write_secret
 from oobleck.protos.v1 import admin_pb2
 
 pytestmark = pytest.mark.slow
@@ -220,7 +222,7 @@ def test_oobleckctl_admin_commands(master, tmp_path):
         assert res.returncode == 2
         assert res.stderr.strip() == "oobleckctl: NOT_FOUND: node_id: no node 77 (see `oobleckctl nodes`)"
         bad = tmp_path / "bad.token"
-        bad.write_text("nope")
+        write_secret(bad, "a-wrong-admin-token-of-some-length")
         res = await asyncio.to_thread(ctl, master, "status", token=str(bad))
         assert res.returncode == 2 and res.stderr.startswith("oobleckctl: UNAUTHENTICATED")
         assert len(res.stderr.strip().splitlines()) == 1
@@ -276,3 +278,57 @@ def test_kill9_during_a_reconfiguration_resumes_it_after_restart(master):
             await y.close()
 
     run(body())
+
+
+def test_token_files_must_be_private_long_and_distinct(tmp_path):
+    proc = MasterProcess(tmp_path)
+    admin = Path(proc.paths["admin_token_file"])
+    cases = []
+    loose = tmp_path / "loose.token"
+    write_secret(loose, "a-long-enough-token-but-world-readable")
+    loose.chmod(0o644)
+    cases.append((["--token-file", str(loose)], "readable by others (mode 644); chmod 600"))
+    short = tmp_path / "short.token"
+    write_secret(short, "tiny")
+    cases.append((["--token-file", str(short)], "fewer than 16"))
+    cases.append((["--token-file", str(admin)], "hold the same token"))
+    cases.append((["--token-file", "/dev/zero"], "not a regular file"))
+    for extra, message in cases:
+        argv = [*proc.argv]
+        argv[argv.index(extra[0]) + 1] = extra[1]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2, res.stderr
+        ours = [line for line in res.stderr.splitlines() if line.startswith("oobleck-master:")]
+        assert len(ours) == 1 and message in ours[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_tokens_rotate_on_sighup_with_a_grace_period(tmp_path):
+    master = MasterProcess(tmp_path, "--token-rotation-grace-s", "5")
+    old = Path(master.paths["admin_token_file"])
+    old_copy = tmp_path / "old-admin.token"
+    write_secret(old_copy, old.read_text().strip())
+    try:
+        master.start()
+
+        def status_with(token_file: Path):
+            return ctl(master, "status", token=str(token_file))
+
+        assert status_with(old_copy).returncode == 0
+        write_secret(old, "a-brand-new-admin-token-0123456789")  # the operator rotates it...
+        master.signal(signal.SIGHUP)  # ... and tells the master
+        deadline = 30.0
+        t0 = time.monotonic()
+        while "tokens reloaded" not in master.log_file.read_text():
+            assert time.monotonic() - t0 < deadline, master.log_file.read_text()[-2000:]
+            time.sleep(0.05)
+        assert status_with(old).returncode == 0  # the new token works at once
+        first = status_with(old_copy)  # the old one, within the grace period
+        assert first.returncode == 0, first.stderr
+        while status_with(old_copy).returncode == 0:  # until the grace period ends
+            assert time.monotonic() - t0 < deadline
+        res = status_with(old_copy)
+        assert res.returncode == 2 and "UNAUTHENTICATED" in res.stderr
+        assert status_with(old).returncode == 0
+        assert "new admin token (the old one is accepted for 5s)" in master.log_file.read_text()
+    finally:
+        master.stop()

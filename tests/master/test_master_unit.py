@@ -1,5 +1,7 @@
 """Pure parts of the master: the failure detector, the config, the SQLite store, plan conversion."""
 
+import os
+
 import pytest
 
 from oobleck.common.validate import ConfigError
@@ -174,16 +176,31 @@ def test_plan_proto_conversion_uses_first_node_as_rendezvous():
 def test_token_helpers(tmp_path):
     from oobleck.common.auth import TokenFileError, read_token_file, token_from_metadata, tokens_equal
 
-    (tmp_path / "t").write_text("  secret-1 \n")
-    assert read_token_file(tmp_path / "t") == "secret-1"
-    (tmp_path / "e").write_text("\n")
+    def private(name: str, text: str):
+        path = tmp_path / name
+        path.write_text(text)
+        path.chmod(0o600)
+        return path
+
+    assert read_token_file(private("t", "  secret-of-16-chars \n")) == "secret-of-16-chars"
     with pytest.raises(TokenFileError, match="empty"):
-        read_token_file(tmp_path / "e")
-    (tmp_path / "two").write_text("a b")
+        read_token_file(private("e", "\n"))
     with pytest.raises(TokenFileError, match="one token"):
-        read_token_file(tmp_path / "two")
+        read_token_file(private("two", "a-long-first-token another-one"))
     with pytest.raises(TokenFileError, match="cannot read"):
         read_token_file(tmp_path / "missing")
+    with pytest.raises(TokenFileError, match="fewer than 16"):
+        read_token_file(private("short", "x"))
+    loose = private("loose", "secret-of-16-chars")
+    loose.chmod(0o644)
+    with pytest.raises(TokenFileError, match=r"readable by others \(mode 644\); chmod 600"):
+        read_token_file(loose)
+    with pytest.raises(TokenFileError, match="not a regular file"):
+        read_token_file("/dev/zero")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(TokenFileError, match="not a regular file"):
+        read_token_file(fifo)  # opened non-blocking: no writer does not hang it
     assert tokens_equal("abc", "abc") and not tokens_equal("abd", "abc") and not tokens_equal(None, "abc")
     assert not tokens_equal("ab", "abc")
     assert token_from_metadata([("x", "y"), ("authorization", "Bearer tok")]) == "tok"
