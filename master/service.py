@@ -427,6 +427,9 @@ class MasterServer:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def admin_token_accepts(self, given: str | None) -> bool:
+        return self._admin_token is not None and self._admin_token.accepts(given)
+
     def request_token_reload(self) -> None:
         """SIGHUP: re-read both token files (off the event loop)."""
         if self._agent_token is not None:

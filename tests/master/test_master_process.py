@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -330,5 +331,40 @@ def test_tokens_rotate_on_sighup_with_a_grace_period(tmp_path):
         assert res.returncode == 2 and "UNAUTHENTICATED" in res.stderr
         assert status_with(old).returncode == 0
         assert "new admin token (the old one is accepted for 5s)" in master.log_file.read_text()
+    finally:
+        master.stop()
+
+
+def test_http_follows_the_plaintext_rule_and_status_needs_the_admin_token_off_loopback(tmp_path):
+    proc = MasterProcess(tmp_path)
+    argv = [*proc.argv]
+    argv[argv.index("--http-listen") + 1] = "0.0.0.0:0"
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "http_listen '0.0.0.0:0': plaintext is allowed only on loopback" in res.stderr
+
+    master = MasterProcess(tmp_path, "--allow-insecure")
+    master.argv[master.argv.index("--http-listen") + 1] = "0.0.0.0:0"
+    try:
+        master.start()
+        base = f"http://127.0.0.1:{master.info['http_port']}"
+
+        def get(path: str, token: str | None = None) -> tuple[int, bytes]:
+            request = urllib.request.Request(base + path)
+            if token is not None:
+                request.add_header("Authorization", f"Bearer {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read()
+
+        admin = Path(master.paths["admin_token_file"]).read_text().strip()
+        agent = Path(master.paths["token_file"]).read_text().strip()
+        code, body = get("/api/status")
+        assert code == 401 and b"admin token is required" in body
+        assert get("/api/status", agent)[0] == 401
+        code, body = get("/api/status", admin)
+        assert code == 200 and json.loads(body)["state"] == "NONE"
+        assert get("/healthz")[0] == 200 and get("/metrics")[0] == 200
     finally:
         master.stop()

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import urllib.request
 
 import grpc
@@ -57,6 +58,11 @@ def test_tls_and_mtls(tmp_path, certs):
             async with grpc.aio.insecure_channel(srv.target) as plain:  # plaintext to a TLS port
                 with pytest.raises(grpc.aio.AioRpcError):
                     await admin_pb2_grpc.AdminServiceStub(plain).GetStatus(admin_pb2.GetStatusRequest(), timeout=3)
+            # HTTP is TLS too, with the same certificate.
+            context = ssl.create_default_context(cafile=certs.ca_file)
+            url = f"https://localhost:{srv.http_port}/healthz"
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5, context=context).read())
+            assert body == b"ok\n"
             await agent.close()
         mtls = {**tls_server, "tls_client_ca_file": certs.ca_file}
         async with running_master(tmp_path / "mtls", **mtls) as srv:
