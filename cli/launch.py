@@ -209,6 +209,8 @@ class Launch:
                     slots_per_node=args.slots_per_node,
                     worker_command=args.worker_command,
                     log_level=args.log_level,
+                    # The spec's profile (made absolute by load_spec) is where the master may read it.
+                    profile_dir=str(Path(raw["profile"]).parent) if raw.get("profile") else "",
                 )
             )
             self._print(f"local cluster: master + {args.local} agents x {args.slots_per_node} slots in {self.work_dir}")

@@ -136,6 +136,7 @@ class LocalClusterConfig:
     ready_timeout_s: float = 60.0
     stop_timeout_s: float = 15.0
     agent_stop_timeout_s: float = 5.0  # the agent's own SIGTERM -> SIGKILL deadline for workers
+    profile_dir: str = ""  # where the master may read a job spec's `profile:` (default: its state dir)
 
     def __post_init__(self) -> None:
         if not isinstance(self.nodes, int) or not 1 <= self.nodes <= 64:
@@ -193,6 +194,8 @@ class LocalCluster:
             "--admin-token-file", str(self.admin_token_file),
             "--ready-file", str(self.work_dir / "master.ready.json"),
         ]  # fmt: skip
+        if self.config.profile_dir:
+            self._master_argv += ["--profile-dir", self.config.profile_dir]
         self.master = self._spawn("master", self._master_argv, self.work_dir / "master.ready.json")
 
     def kill_master(self) -> None:

@@ -58,6 +58,7 @@ class MasterConfig:
     # coming back together give one reconfiguration) are added to a running plan when the
     # planner's mix for the larger node count uses more nodes. --no-scale-up keeps them spare.
     profile_timeout_s: float = 600.0  # a job spec without `profile:`: the agent's profiling run
+    profile_dir: str = ""  # where a job spec's `profile:` may be (default: the state file's directory)
     scale_up: bool = True
     scale_up_delay_s: float = 2.0
     shutdown_grace_s: float = 5.0

@@ -989,10 +989,15 @@ class Master:
                 profile, source = await self._measured_profile(spec, spec_yaml, candidates[0])
             else:
                 source = repr(spec.profile)
+                directory = profiles.profile_dir(self.config)
                 try:
-                    profile = await asyncio.to_thread(planner.load_profile, spec.profile)
-                except (OSError, ValueError) as exc:
-                    raise MasterError("INVALID_ARGUMENT", f"profile: cannot load {spec.profile!r}: {exc}") from None
+                    data = await asyncio.to_thread(profiles.read_profile_file, directory, spec.profile)
+                    profile = await asyncio.to_thread(planner.parse_profile, data)
+                except profiles.ProfileFileError as exc:
+                    raise MasterError("INVALID_ARGUMENT", f"profile: {exc}") from None
+                except (ValueError, TypeError, planner.PlannerError) as exc:
+                    why = f"profile: {spec.profile!r} is not a valid profile: {exc}"
+                    raise MasterError("INVALID_ARGUMENT", why) from None
             if profile.num_layers != model.num_layers:
                 raise MasterError(
                     "INVALID_ARGUMENT",
@@ -1404,11 +1409,11 @@ class Master:
         if reason == self._degraded:
             return
         self._degraded = reason
-        self.metrics.degraded.set(1 if reason else 0)
         if reason:
             await self._record("degraded", f"generation {job.generation}: {reason}")
         else:
             await self._record("degraded_cleared", f"generation {job.generation}: ft+1 pipelines, no idle node")
+        self.metrics.degraded.set(1 if self._degraded else 0)  # after the event: it explains the metric
 
     def _resumed(self, generation: int, resume_s: float) -> None:
         self._resume_wait = None

@@ -15,9 +15,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any
+
+from oobleck.common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,53 @@ def read_cached(path: Path) -> dict[str, Any] | None:
 def write_cached(path: Path, data: dict[str, Any]) -> None:
     """Write atomically (temp file + rename): a crash never leaves half a profile."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", dir=path.parent)
+    atomic_write(path, json.dumps(data, indent=1).encode())
+
+
+MAX_PROFILE_BYTES = 16 << 20
+
+
+class ProfileFileError(ValueError):
+    """A job spec's ``profile:`` the master refuses to read; the message never quotes the file."""
+
+
+def profile_dir(config: Any) -> Path:
+    """Where ``profile:`` files may be: ``profile_dir``, or the state file's directory."""
+    return Path(config.profile_dir or Path(config.state_file).resolve().parent).resolve()
+
+
+def read_profile_file(directory: Path, name: str) -> dict[str, Any]:
+    """The JSON document ``name`` (relative to ``directory``, or absolute inside it): only a
+    regular file inside ``directory`` (symbolic links resolved), opened non-blocking, at most
+    ``MAX_PROFILE_BYTES``. Errors say why without quoting the file's content."""
+    path = (directory / name).resolve()
+    if path != directory and directory not in path.parents:
+        raise ProfileFileError(f"{name!r} is outside the master's profile directory {str(directory)!r}")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise ProfileFileError(f"{name!r}: cannot open: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ProfileFileError(f"{name!r}: not a regular file")
+        if info.st_size > MAX_PROFILE_BYTES:
+            raise ProfileFileError(f"{name!r}: {info.st_size} bytes, more than {MAX_PROFILE_BYTES}")
+        chunks, total = [], 0
+        while total <= MAX_PROFILE_BYTES:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise ProfileFileError(f"{name!r}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if total > MAX_PROFILE_BYTES:
+        raise ProfileFileError(f"{name!r}: more than {MAX_PROFILE_BYTES} bytes")
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ProfileFileError(f"{name!r}: not an oobleck-profile/1 JSON document (invalid JSON{where})") from None

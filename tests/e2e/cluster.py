@@ -116,6 +116,7 @@ class Cluster:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.master_args: list[str] = []  # extra master flags, set before start()
+        self.profile_dir: str | None = None  # where the master may read job specs' profiles
         self.master_prefix: list[str] = []  # a command the master runs under (e.g. unshare)
         self.state_file = root / "master.db"
         self.agent_args: list[str] = []  # extra agent flags, set before start()
@@ -178,6 +179,7 @@ class Cluster:
                 "--heartbeat-interval-s", str(self.heartbeat_interval_s),
                 "--heartbeat-timeout-s", str(self.heartbeat_timeout_s),
                 "--session-grace-s", "0.3", "--shutdown-grace-s", "2", *self.master_args,
+                *(["--profile-dir", self.profile_dir] if self.profile_dir else []),
             ],
         )  # fmt: skip
         info = self._wait_ready(self.master, deadline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,9 +24,11 @@ def profile_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    """An unstarted :class:`Cluster` under ``tmp_path``; stopped (and orphans killed) at the end."""
+def cluster(tmp_path, profile_path):
+    """An unstarted :class:`Cluster` under ``tmp_path``; stopped (and orphans killed) at the end.
+    Its master may read the session's profile."""
     c = Cluster(tmp_path / "cluster")
+    c.profile_dir = str(Path(profile_path).parent)
     try:
         yield c
     finally:

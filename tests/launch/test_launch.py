@@ -141,8 +141,10 @@ def test_tiny_real_job_end_to_end(tmp_path, launcher):
 
 @pytest.mark.slow
 def test_submit_to_a_running_master_with_the_kill_node_drill(tmp_path):
-    cluster = LocalCluster(
-        LocalClusterConfig(nodes=2, work_dir=tmp_path / "cluster", worker_command=FAKE_WORKER_COMMAND)
+    cluster = LocalCluster(  # a running master whose operator keeps profiles in tmp_path
+        LocalClusterConfig(
+            nodes=2, work_dir=tmp_path / "cluster", worker_command=FAKE_WORKER_COMMAND, profile_dir=str(tmp_path)
+        )
     )
     spec = write_spec(tmp_path, steps=80, profile=write_profile(tmp_path))
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}

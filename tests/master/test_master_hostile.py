@@ -3,6 +3,7 @@
 into logs, events and ``oobleckctl`` output. The master keeps serving correct answers afterwards."""
 
 import asyncio
+import os
 import subprocess
 import sys
 import urllib.request
@@ -222,3 +223,42 @@ def test_a_garbage_body_without_a_token_is_unauthenticated_and_logged_with_the_p
     log = master.log_file.read_text()
     assert "rejected /oobleck.v1.AdminService/SubmitJob from ipv4:127.0.0.1:" in log, log[-2000:]
     assert "rejected /oobleck.v1.AgentService/Register from ipv4:127.0.0.1:" in log
+
+
+def test_profile_paths_are_confined_bounded_and_never_echoed(master, tmp_path):
+    """The master reads ``profile:`` only from its profile directory (here the state file's),
+    regular files only, non-blocking, at most 16 MiB, and never quotes what it read."""
+    os.mkfifo(tmp_path / "fifo.json", 0o600)  # would block a plain open() forever
+    (tmp_path / "huge.json").write_bytes(b" " * (17 << 20))
+    (tmp_path / "secret.json").write_text("SECRET-VALUE-42 is not JSON")
+    (tmp_path / "escape.json").symlink_to("/etc/passwd")
+    cases = {
+        "/etc/shadow": "is outside the master's profile directory",
+        "/dev/zero": "is outside the master's profile directory",
+        "escape.json": "is outside the master's profile directory",
+        "../../etc/passwd": "is outside the master's profile directory",
+        "fifo.json": "not a regular file",
+        "huge.json": "more than 16777216",
+        "secret.json": "not an oobleck-profile/1 JSON document (invalid JSON at line 1)",
+    }
+
+    async def body():
+        channel, stub = admin_stub(master.target)
+        nodes = [await FakeAgent(master.target, f"n{i}").start() for i in range(2)]
+        loop = asyncio.get_running_loop()
+        for name, message in cases.items():
+            t0 = loop.time()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(name)), timeout=10)
+            assert loop.time() - t0 < 2.0, name
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())
+            assert message in err.value.details() and "SECRET-VALUE" not in err.value.details(), err.value.details()
+        await stub.SubmitJob(  # the master still serves: a good profile is accepted
+            admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(master.paths["profile"], steps=STEPS)), timeout=10
+        )
+        await wait_until_async(lambda s: s.state == admin_pb2.JOB_STATE_RUNNING, stub)
+        for a in nodes:
+            await a.close()
+        await channel.close()
+
+    run(body())

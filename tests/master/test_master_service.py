@@ -119,7 +119,9 @@ def test_bad_job_specs_name_the_field_and_the_master_keeps_serving(tmp_path):
             cases = {
                 "model: [unclosed": "malformed YAML",
                 job_spec_yaml(srv.profile).replace("steps: 100", "steps: -3"): "steps: must be >= 1",
-                job_spec_yaml(str(tmp_path / "missing.json")): "profile: cannot load",
+                job_spec_yaml(str(tmp_path / "missing.json")): "missing.json': cannot open",
+                job_spec_yaml("/etc/passwd"): "outside the master's profile directory",
+                job_spec_yaml("/dev/zero"): "outside the master's profile directory",
                 "": "job_spec_yaml: must not be empty",
                 job_spec_yaml(srv.profile).replace("name: gpt", "name: gpt9"): "model.name: must be one of",
                 job_spec_yaml(srv.profile).replace("config: {", "config: {hidden_size: -4, "): (
