@@ -8,6 +8,7 @@ the test verifies copies whose ExecStart points at this environment's console sc
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -60,3 +61,14 @@ def test_units_restart_on_failure_as_an_unprivileged_user(name):
     assert service["User"] not in ("", "root")
     assert service["ExecStart"].startswith(INSTALL_BIN)
     assert "--config /etc/oobleck/" in service["ExecStart"]
+
+
+@needs_analyze
+@pytest.mark.parametrize(("name", "limit"), [("oobleck-master.service", 4.5), ("oobleck-agent@.service", 6.5)])
+def test_units_are_hardened(tmp_path, name, limit):
+    """``systemd-analyze security`` scores the units' exposure (0 best, 10 worst)."""
+    unit = _copy_for_this_environment(tmp_path, name.replace("@.", "@node0."), (UNITS / name).read_text())
+    res = subprocess.run([analyze, "security", "--offline=yes", str(unit)], capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", res.stdout)
+    assert found, res.stdout[-2000:] + res.stderr
+    assert float(found.group(1)) <= limit, res.stdout[-3000:]
