@@ -99,6 +99,9 @@ class ServerTls:
     client_ca_file: str | None = None
 
 
+_warned_validity: set[tuple[str, float]] = set()
+
+
 def check_server_files(cert_file: str, key_file: str, client_ca_file: str | None = None) -> None:
     """Load the server's certificate chain and key (and the client CA) the way a TLS server
     would: a file that is not PEM, a key that does not match the certificate, ... raise
@@ -119,7 +122,11 @@ def check_server_files(cert_file: str, key_file: str, client_ca_file: str | None
         not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
     except (AttributeError, KeyError, ValueError, ssl.SSLError, OSError):
         return
+    if (cert_file, not_after) in _warned_validity:  # once per certificate (gRPC and HTTPS load it)
+        return
     now = time.time()
+    if not not_before <= now <= not_after:
+        _warned_validity.add((cert_file, not_after))
     if now > not_after:
         log.warning("tls_cert_file %s expired on %s: clients will refuse it", cert_file, decoded["notAfter"])
     elif now < not_before:

@@ -11,8 +11,15 @@ and checkpoints, so no sample is lost or seen twice whatever the plan.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import os
+import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,24 +72,190 @@ class SyntheticDataset(TokenDataset):
         return out
 
 
+def _kind(mode: int) -> str:
+    """What a file of this mode is, in words (for errors)."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One file of a text dataset: where it is, its identity and size when listed, its first byte."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    start: int  # offset of its first byte in the concatenation
+
+
+def _open_regular(path: str, shown: str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only and non-blocking (a FIFO cannot block the open) and check with
+    ``fstat`` that what was opened is a regular file; returns ``(fd, stat)``."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        raise ConfigError("data.path", f"cannot open {shown}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError("data.path", f"cannot stat {shown}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ConfigError("data.path", f"{shown} is {_kind(info.st_mode)}, not a regular file")
+    return fd, info
+
+
 class TextDataset(TokenDataset):
-    """A local file read as bytes (vocabulary 256); sample ``i`` is bytes ``[i*T, (i+1)*T)``."""
+    """Local bytes read as tokens (vocabulary 256); sample ``i`` is bytes ``[i*T, (i+1)*T)``.
+
+    ``path`` is a regular file, or a directory whose regular files are concatenated in sorted name
+    order (names starting with ``.`` are skipped; a subdirectory or any other entry is refused, so
+    nothing is left out silently). A symbolic link is followed, but its target must be a regular
+    file: FIFOs, sockets and devices (``/dev/zero``) are refused with a :class:`ConfigError`
+    naming ``data.path`` and what the file is, never quoting its content. Files are opened
+    non-blocking and checked with ``fstat`` after the open; they are never read whole:
+    :meth:`tokens` reads only the requested samples with positioned reads (``os.pread``, which
+    moves no shared file offset, so a forked copy may read concurrently). A file that changes
+    identity or shrinks after construction is an error, not a crash (a memory map would SIGBUS).
+    Pickling keeps the listing and reopens the files, checking that they are the same ones.
+    """
+
+    MAX_OPEN_FILES = 32  # file descriptors kept open for a directory of many files
 
     def __init__(self, path: str | Path, seq_len: int, max_samples: int) -> None:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError("data.path", f"cannot read {path}: {exc.strerror or exc}") from exc
+        self.path = str(path)
         self.seq_len = seq_len
-        self.num_samples = min(max_samples, len(data) // seq_len)
+        self._shown = repr(self.path)
+        self._parts = self._list()
+        self.total_bytes = sum(p.size for p in self._parts)
+        self.num_samples = min(max_samples, self.total_bytes // seq_len)
         if self.num_samples < 1:
-            raise ConfigError("data.path", f"{path} has {len(data)} bytes, fewer than data.seq_len ({seq_len})")
-        self._data = torch.frombuffer(bytearray(data[: self.num_samples * seq_len]), dtype=torch.uint8)
+            raise ConfigError(
+                "data.path", f"{self._shown} has {self.total_bytes} bytes, fewer than data.seq_len ({seq_len})"
+            )
+        self._starts = [p.start for p in self._parts]
+        self._fds: OrderedDict[int, int] = OrderedDict()  # part -> open fd, least recently used first
+        self._lock = threading.Lock()
+
+    def _list(self) -> list[_Part]:
+        shown = self._shown
+        try:
+            info = os.stat(self.path)  # refuse devices and FIFOs before opening them at all
+        except OSError as exc:
+            raise ConfigError("data.path", f"cannot read {shown}: {exc.strerror or exc}") from exc
+        if stat.S_ISREG(info.st_mode):
+            fd, info = _open_regular(self.path, shown)
+            os.close(fd)
+            return [_Part(self.path, info.st_dev, info.st_ino, info.st_size, 0)]
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError("data.path", f"{shown} is {_kind(info.st_mode)}, not a regular file or a directory")
+        try:
+            names = sorted(n for n in os.listdir(self.path) if not n.startswith("."))
+        except OSError as exc:
+            raise ConfigError("data.path", f"cannot list {shown}: {exc.strerror or exc}") from exc
+        if not names:
+            raise ConfigError("data.path", f"{shown} is a directory without files")
+        parts, start = [], 0
+        for name in names:
+            full = os.path.join(self.path, name)
+            entry = repr(full)
+            try:
+                entry_info = os.stat(full)
+            except OSError as exc:
+                raise ConfigError("data.path", f"cannot read {entry}: {exc.strerror or exc}") from exc
+            if not stat.S_ISREG(entry_info.st_mode):
+                raise ConfigError("data.path", f"{entry} is {_kind(entry_info.st_mode)}, not a regular file")
+            fd, entry_info = _open_regular(full, entry)
+            os.close(fd)
+            parts.append(_Part(full, entry_info.st_dev, entry_info.st_ino, entry_info.st_size, start))
+            start += entry_info.st_size
+        return parts
+
+    def _fd(self, k: int) -> int:
+        """An open fd of part ``k`` (kept in a small LRU), checked to be the file listed."""
+        fd = self._fds.get(k)
+        if fd is not None:
+            self._fds.move_to_end(k)
+            return fd
+        part = self._parts[k]
+        fd, info = _open_regular(part.path, repr(part.path))
+        if (info.st_dev, info.st_ino) != (part.dev, part.ino) or info.st_size < part.size:
+            os.close(fd)
+            raise ConfigError("data.path", f"{part.path!r} was replaced or shrank since the dataset was opened")
+        self._fds[k] = fd
+        while len(self._fds) > self.MAX_OPEN_FILES:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _read(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the concatenation's bytes from ``offset`` (may span files)."""
+        k = bisect.bisect_right(self._starts, offset) - 1
+        done = 0
+        while done < len(out):
+            part = self._parts[k]
+            within = offset + done - part.start
+            if within >= part.size:
+                k += 1
+                continue
+            want = min(len(out) - done, part.size - within)
+            try:
+                n = os.preadv(self._fd(k), [out[done : done + want]], within)
+            except OSError as exc:
+                raise ConfigError("data.path", f"cannot read {part.path!r}: {exc.strerror or exc}") from exc
+            if n <= 0:
+                raise ConfigError("data.path", f"{part.path!r} shrank since the dataset was opened")
+            done += n
 
     def tokens(self, indices: list[int]) -> torch.Tensor:
-        idx = torch.tensor(indices, dtype=torch.long)
-        rows = idx[:, None] * self.seq_len + torch.arange(self.seq_len)[None, :]
-        return self._data[rows].long()
+        t = self.seq_len
+        rows = [int(i) for i in indices]
+        for i in rows:
+            if not 0 <= i < self.num_samples:
+                raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
+        if not rows:
+            return torch.empty(0, t, dtype=torch.long)
+        buf = bytearray(len(rows) * t)
+        view = memoryview(buf)
+        with self._lock:
+            for r, i in enumerate(rows):
+                self._read(i * t, view[r * t : (r + 1) * t])
+        return torch.frombuffer(buf, dtype=torch.uint8).view(len(rows), t).long()
+
+    def close(self) -> None:
+        """Close the open files (safe to call twice; later reads reopen them)."""
+        with self._lock:
+            while self._fds:
+                os.close(self._fds.popitem()[1])
+
+    def __del__(self) -> None:
+        fds = getattr(self, "_fds", None)
+        while fds:
+            with contextlib.suppress(OSError):
+                os.close(fds.popitem()[1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_fds"], state["_lock"]  # descriptors and locks are per process
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fds = OrderedDict()
+        self._lock = threading.Lock()
 
 
 def make_dataset(data_spec, vocab_size: int, objective: str) -> TokenDataset:

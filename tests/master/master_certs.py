@@ -77,3 +77,28 @@ def make_certs(directory: str | Path) -> TestCerts:
         client_key_file=str(d / "client.key"),
         other_ca_file=str(d / "other-ca.pem"),
     )
+
+
+def make_expired_cert(directory: str | Path, cn: str = "localhost") -> tuple[str, str]:
+    """A self-signed server certificate for localhost/127.0.0.1 valid only on 1 January 2000
+    (``openssl req -x509`` cannot backdate, ``openssl ca`` can); returns ``(cert_file, key_file)``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "expired-ca.cnf").write_text(
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = expired-index.txt\nnew_certs_dir = .\nserial = expired-serial\n"
+        "default_md = sha256\npolicy = p\nunique_subject = no\ncopy_extensions = copy\n[p]\ncommonName = supplied\n"
+    )
+    (d / "expired-index.txt").write_text("")
+    (d / "expired-serial").write_text("01\n")
+    _run(
+        ["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "expired.key", "-out", "expired.csr", "-subj", f"/CN={cn}",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        d,
+    )  # fmt: skip
+    _run(
+        ["ca", "-batch", "-notext", "-selfsign", "-config", "expired-ca.cnf", "-keyfile", "expired.key",
+         "-in", "expired.csr", "-out", "expired.pem", "-startdate", "20000101000000Z", "-enddate", "20000102000000Z"],
+        d,
+    )  # fmt: skip
+    return str(d / "expired.pem"), str(d / "expired.key")
