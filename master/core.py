@@ -64,6 +64,14 @@ class MasterError(Exception):
         self.message = message
 
 
+class _NodeLost(Exception):
+    """The node measuring a profile died (the measurement moves to another node)."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(f"node {node_id} died")
+        self.node_id = node_id
+
+
 class StateUnavailable(MasterError):
     """The state file cannot be written: a state change is refused (and undone in memory)."""
 
@@ -155,6 +163,7 @@ class PendingCommand:
     row: CommandRow
     future: asyncio.Future = field(repr=False)  # resolves to an Ack
     profile_json: str = field(default="", repr=False)  # what a Profile command's ack carried
+    profile_key: str | None = field(default=None, repr=False)  # a Profile command's cache key ("": none)
 
 
 @dataclass
@@ -302,6 +311,8 @@ class Master:
                 self._spawn(self._settle(generation, waits, timeout_s, durations))
         if self.job is not None and self.job.state == "PAUSED":
             self._spawn(self._resume_after_restart())
+        if self.job is not None and self.job.state == "PROFILING":  # its Profile command is resent
+            self._spawn(self._profile_then_start(self.job.job_id))
         log.info(
             "state loaded from %s: %d nodes, job %s, generation %d, %d unacked commands",
             self.config.state_file,
@@ -796,6 +807,8 @@ class Master:
             await self._save_fact("save_node", row)
             self._update_node_metrics()
         pc.profile_json = profile_json
+        if pc.row.kind == "profile" and ok:
+            self._spawn(self._cache_profile(pc))
         if not pc.future.done():
             pc.future.set_result(Ack(ok, error, dict(phases or {}), step))
 
@@ -961,160 +974,292 @@ class Master:
         )
 
     async def submit_job(self, spec_yaml: str) -> tuple[str, int]:
-        from oobleck.common.jobspec import parse_job_spec
-        from oobleck.common.validate import ConfigError
-
+        """Accept a job: planned and started at once when its profile is known (``profile:`` or
+        the cache); otherwise the job is PROFILING and starts when a node has measured it (a
+        failed measurement fails the job). Submitting the same spec again while its job is not
+        over answers with that job: a client's retry never starts or measures anything twice."""
         async with self._plan_lock:
-            if self.job is not None and self.job.state not in TERMINAL_JOB_STATES:
+            job = self.job
+            if job is not None and job.state not in TERMINAL_JOB_STATES:
+                if job.spec_yaml == spec_yaml:
+                    return job.job_id, job.generation
                 raise MasterError(
                     "FAILED_PRECONDITION",
-                    f"job {self.job.job_id} is {self.job.state}; cancel it before submitting another",
+                    f"job {job.job_id} is {job.state}; cancel it before submitting another",
                 )
             self._require_store()
-            try:
-                spec = await asyncio.to_thread(parse_job_spec, spec_yaml)
-            except ConfigError as exc:
-                raise MasterError("INVALID_ARGUMENT", f"job_spec_yaml: {exc}") from None
-            from oobleck.worker.config import validate_model_config  # imports no torch
-
-            try:
-                model = validate_model_config(spec)
-            except ConfigError as exc:
-                raise MasterError("INVALID_ARGUMENT", f"job_spec_yaml: {exc}") from None
-            candidates, odd = planning.plannable_nodes(self._planning_nodes())
+            spec, model = await self._parse_spec(spec_yaml)
+            candidates, _ = planning.plannable_nodes(self._planning_nodes())
             if not candidates:
                 raise MasterError("FAILED_PRECONDITION", "no live nodes are registered; start agents first")
-            planner = self.planner
-            if spec.profile is None:
-                profile, source = await self._measured_profile(spec, spec_yaml, candidates[0])
+            if spec.profile is not None:
+                profile, source = await self._profile_file(spec)
             else:
-                source = repr(spec.profile)
-                directory = profiles.profile_dir(self.config)
-                try:
-                    data = await asyncio.to_thread(profiles.read_profile_file, directory, spec.profile)
-                    profile = await asyncio.to_thread(planner.parse_profile, data)
-                except profiles.ProfileFileError as exc:
-                    raise MasterError("INVALID_ARGUMENT", f"profile: {exc}") from None
-                except (ValueError, TypeError, planner.PlannerError) as exc:
-                    why = f"profile: {spec.profile!r} is not a valid profile: {exc}"
-                    raise MasterError("INVALID_ARGUMENT", why) from None
-            if profile.num_layers != model.num_layers:
-                raise MasterError(
-                    "INVALID_ARGUMENT",
-                    f"profile: {source} has {profile.num_layers} layers but the model "
-                    f"({spec.model.name}, {model.num_blocks} blocks) has {model.num_layers}; profile this model",
-                )
-            generation = self.generation + 1
-            try:
-                ctx = await asyncio.to_thread(
-                    planning.make_context,
-                    planner,
-                    profile,
-                    candidates,
-                    self._cluster_params(),
-                    ft=spec.ft,
-                    microbatches=spec.num_microbatches,
-                    min_nodes=spec.min_nodes,
-                )
-                layout = await asyncio.to_thread(planning.first_layout, planner, ctx, candidates, generation=generation)
-            except planner.InfeasibleError as exc:
-                raise MasterError(
-                    "FAILED_PRECONDITION", f"cannot plan the job on {len(candidates)} nodes: {exc}"
-                ) from None
-            except planner.PlannerError as exc:
-                raise MasterError("INVALID_ARGUMENT", f"planner rejected the job: {exc}") from None
-            job_id = uuid.uuid4().hex[:12]
-            layout.plan.job_id = job_id
-            with self._transaction():
-                self.ctx = ctx
-                self.job = JobRow(
-                    job_id=job_id,
-                    spec_yaml=spec_yaml,
-                    state="STARTING",
-                    reason="waiting for workers to start",
-                    generation=generation,
-                    plan=layout.plan.SerializeToString(),
-                    plan_json={"pipelines": [list(p) for p in layout.pipelines], **ctx.to_json()},
-                    step=0,
-                    total_steps=spec.steps,
-                )
-                self.pipelines = layout.pipelines
-                self.loss = self.samples_per_s = 0.0
-                self.metrics.generation.set(generation)
-                self.metrics.step.set(0)
-                in_plan = set(layout.nodes)
-                changed = []
-                for n in self.nodes.values():
-                    if n.row.state in ("alive", "spare"):
-                        n.row.state = "alive" if n.row.node_id in in_plan else "spare"
-                        n.row.reason = "" if n.row.node_id in in_plan else "not in the plan"
-                        changed.append(n.row)
-                rows = [
-                    self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=spec_yaml))
-                    for n in layout.nodes
-                ]
-                ev = self._new_event(
-                    "job_submitted",
-                    f"job {job_id} ({spec.name}): {len(layout.pipelines)} pipelines over {len(in_plan)} nodes, "
-                    f"{len(candidates) - len(in_plan) + len(odd)} spares",
-                )
-                waits = await self._commit_and_send(rows, [ev], changed)
-            self._new_progress(layout.nodes, 0)
-            self._update_node_metrics()
-            self._spawn(self._settle(generation, waits, self.config.start_ack_timeout_s, {}))
-            return job_id, generation
+                found = await self._cached_profile(spec, candidates[0])
+                if found is None:
+                    return await self._submit_profiling(spec, spec_yaml, candidates[0])
+                profile, source = found
+            return await self._start_job(uuid.uuid4().hex[:12], spec, spec_yaml, model, profile, source)
 
-    async def _measured_profile(self, spec: Any, spec_yaml: str, node: planning.NodeInfo) -> tuple[Any, str]:
-        """The profile of a spec without ``profile:`` (see :mod:`oobleck.master.profiles`): cached,
-        or measured by ``node``'s agent. Returns (parsed profile, where it came from)."""
-        planner = self.planner
-        key = profiles.cache_key(spec, node.slots, node.gpu_memory_bytes)
-        path = profiles.cache_path(self.config.state_file, key)
-        data = await asyncio.to_thread(profiles.read_cached, path)
-        fresh = data is None
-        if fresh:
-            row = self._command(node.node_id, "profile", profile=agent_pb2.Profile(job_spec_yaml=spec_yaml))
-            ev = self._new_event(
-                "profiling", f"measuring {spec.model.name} on node {node.node_id}", node_id=node.node_id
-            )
-            (pc,) = await self._commit_and_send([row], [ev], [], False)
-            timeout_s = self.config.profile_timeout_s
-            try:
-                ack = await asyncio.wait_for(asyncio.shield(pc.future), timeout=timeout_s)
-            except TimeoutError:
-                self.pending.pop(row.command_id, None)
-                if not await self._save_fact("ack_command", row.command_id, False, "timed out"):
-                    self._unsaved_acks.append((row.command_id, False, "timed out"))
-                raise MasterError(
-                    "DEADLINE_EXCEEDED",
-                    f"profile: node {node.node_id} did not finish profiling within {timeout_s:g}s "
-                    "(profile_timeout_s); set `profile:` to a measured profile or raise the timeout",
-                ) from None
-            if not ack.ok:
-                raise MasterError(
-                    "FAILED_PRECONDITION", f"profile: profiling on node {node.node_id} failed: {ack.error}"
-                )
-            try:
-                data = json.loads(pc.profile_json)
-            except ValueError as exc:
-                raise MasterError(
-                    "FAILED_PRECONDITION", f"profile: node {node.node_id} returned a malformed profile: {exc}"
-                ) from None
+    async def _parse_spec(self, spec_yaml: str) -> tuple[Any, Any]:
+        from oobleck.common.jobspec import parse_job_spec
+        from oobleck.common.validate import ConfigError
+        from oobleck.worker.config import validate_model_config  # imports no torch
+
         try:
-            profile = planner.parse_profile(data)
+            spec = await asyncio.to_thread(parse_job_spec, spec_yaml)
+            return spec, validate_model_config(spec)
+        except ConfigError as exc:
+            raise MasterError("INVALID_ARGUMENT", f"job_spec_yaml: {exc}") from None
+
+    async def _profile_file(self, spec: Any) -> tuple[Any, str]:
+        """The profile named by the spec's ``profile:`` (only inside the profile directory)."""
+        planner = self.planner
+        directory = profiles.profile_dir(self.config)
+        try:
+            data = await asyncio.to_thread(profiles.read_profile_file, directory, spec.profile)
+            return await asyncio.to_thread(planner.parse_profile, data), repr(spec.profile)
+        except profiles.ProfileFileError as exc:
+            raise MasterError("INVALID_ARGUMENT", f"profile: {exc}") from None
         except (ValueError, TypeError, planner.PlannerError) as exc:
-            if not fresh:  # a bad cache entry: measure again next time
-                await asyncio.to_thread(path.unlink, True)
-            where = f"node {node.node_id}'s profile" if fresh else f"cached profile {path}"
-            why = f"profile: {where} is not a valid oobleck-profile/1: {exc}"
-            raise MasterError("FAILED_PRECONDITION", why) from None
-        if fresh:
+            raise MasterError("INVALID_ARGUMENT", f"profile: {spec.profile!r} is not a valid profile: {exc}") from None
+
+    async def _start_job(
+        self, job_id: str, spec: Any, spec_yaml: str, model: Any, profile: Any, source: str
+    ) -> tuple[str, int]:
+        """Plan the job on the plannable nodes and send its first generation (``_plan_lock`` held)."""
+        planner = self.planner
+        if profile.num_layers != model.num_layers:
+            raise MasterError(
+                "INVALID_ARGUMENT",
+                f"profile: {source} has {profile.num_layers} layers but the model "
+                f"({spec.model.name}, {model.num_blocks} blocks) has {model.num_layers}; profile this model",
+            )
+        candidates, odd = planning.plannable_nodes(self._planning_nodes())
+        if not candidates:
+            raise MasterError("FAILED_PRECONDITION", "no live nodes are registered; start agents first")
+        generation = self.generation + 1
+        try:
+            ctx = await asyncio.to_thread(
+                planning.make_context,
+                planner,
+                profile,
+                candidates,
+                self._cluster_params(),
+                ft=spec.ft,
+                microbatches=spec.num_microbatches,
+                min_nodes=spec.min_nodes,
+            )
+            layout = await asyncio.to_thread(planning.first_layout, planner, ctx, candidates, generation=generation)
+        except planner.InfeasibleError as exc:
+            raise MasterError("FAILED_PRECONDITION", f"cannot plan the job on {len(candidates)} nodes: {exc}") from None
+        except planner.PlannerError as exc:
+            raise MasterError("INVALID_ARGUMENT", f"planner rejected the job: {exc}") from None
+        layout.plan.job_id = job_id
+        kind = "job_planned" if self._profiled(job_id) else "job_submitted"  # submitted when it began profiling
+        with self._transaction():
+            self.ctx = ctx
+            self.job = JobRow(
+                job_id=job_id,
+                spec_yaml=spec_yaml,
+                state="STARTING",
+                reason="waiting for workers to start",
+                generation=generation,
+                plan=layout.plan.SerializeToString(),
+                plan_json={"pipelines": [list(p) for p in layout.pipelines], **ctx.to_json()},
+                step=0,
+                total_steps=spec.steps,
+            )
+            self.pipelines = layout.pipelines
+            self.loss = self.samples_per_s = 0.0
+            self.metrics.generation.set(generation)
+            self.metrics.step.set(0)
+            in_plan = set(layout.nodes)
+            changed = []
+            for n in self.nodes.values():
+                if n.row.state in ("alive", "spare"):
+                    n.row.state = "alive" if n.row.node_id in in_plan else "spare"
+                    n.row.reason = "" if n.row.node_id in in_plan else "not in the plan"
+                    changed.append(n.row)
+            rows = [
+                self._command(n, "start", start=agent_pb2.Start(plan=layout.plan, job_spec_yaml=spec_yaml))
+                for n in layout.nodes
+            ]
+            ev = self._new_event(
+                kind,
+                f"job {job_id} ({spec.name}): {len(layout.pipelines)} pipelines over {len(in_plan)} nodes, "
+                f"{len(candidates) - len(in_plan) + len(odd)} spares, profile: {source}",
+            )
+            waits = await self._commit_and_send(rows, [ev], changed)
+        self._new_progress(layout.nodes, 0)
+        self._update_node_metrics()
+        self._spawn(self._settle(generation, waits, self.config.start_ack_timeout_s, {}))
+        return job_id, generation
+
+    def _profiled(self, job_id: str) -> bool:
+        """Whether job ``job_id`` was PROFILING (its ``job_submitted`` event is already out)."""
+        return self.job is not None and self.job.job_id == job_id and self.job.state == "PROFILING"
+
+    # -- profiling ------------------------------------------------------------------------------------------
+    def _profile_key(self, spec: Any, node_id: int) -> str | None:
+        node = self.nodes.get(node_id)
+        return None if node is None else profiles.cache_key(spec, node.row.slots, node.row.gpu_memory_bytes)
+
+    async def _cached_profile(self, spec: Any, node: planning.NodeInfo) -> tuple[Any, str] | None:
+        """The cached profile for ``spec`` on a node like ``node``; None when it must be measured
+        (a bad cache entry is removed)."""
+        planner = self.planner
+        path = profiles.cache_path(self.config.state_file, profiles.cache_key(spec, node.slots, node.gpu_memory_bytes))
+        data = await asyncio.to_thread(profiles.read_cached, path)
+        if data is None:
+            return None
+        try:
+            return await asyncio.to_thread(planner.parse_profile, data), f"cached profile {path}"
+        except (ValueError, TypeError, planner.PlannerError) as exc:
+            log.warning("cached profile %s is not a valid oobleck-profile/1 (measuring again): %s", path, exc)
+            await asyncio.to_thread(path.unlink, True)
+            return None
+
+    async def _submit_profiling(self, spec: Any, spec_yaml: str, node: planning.NodeInfo) -> tuple[str, int]:
+        """Record the job as PROFILING (``_plan_lock`` held) and start measuring in the background."""
+        job_id = uuid.uuid4().hex[:12]
+        with self._transaction():
+            self.job = JobRow(
+                job_id=job_id,
+                spec_yaml=spec_yaml,
+                state="PROFILING",
+                reason=f"measuring the profile of {spec.model.name} on node {node.node_id}",
+                generation=self.generation,
+                plan=b"",
+                plan_json={},
+                step=0,
+                total_steps=spec.steps,
+            )
+            self.pipelines = ()
+            self.loss = self.samples_per_s = 0.0
+            ev = self._new_event(
+                "job_submitted", f"job {job_id} ({spec.name}): profiling {spec.model.name} first (no profile: given)"
+            )
+            await self._commit_and_send([], [ev], [])
+        self._spawn(self._profile_then_start(job_id))
+        return job_id, self.generation
+
+    async def _profile_then_start(self, job_id: str) -> None:
+        """Owner of a PROFILING job: measure its profile (on another node if the measuring one
+        dies), then plan and start it; any failure fails the job with the reason."""
+        try:
+            job = self.job
+            if job is None or job.job_id != job_id or job.state != "PROFILING":
+                return
+            spec, model = await self._parse_spec(job.spec_yaml)
+            deadline = self.clock() + self.config.profile_timeout_s
+            while True:
+                candidates, _ = planning.plannable_nodes(self._planning_nodes())
+                if not candidates:
+                    raise MasterError("FAILED_PRECONDITION", "profile: no live node is left to measure the profile on")
+                found = await self._cached_profile(spec, candidates[0])
+                if found is not None:
+                    profile, source = found
+                    break
+                try:
+                    profile, source = await self._measure(spec, job.spec_yaml, candidates[0], deadline)
+                    break
+                except _NodeLost as lost:
+                    log.warning("profiling node %d died; measuring on another node", lost.node_id)
+            async with self._plan_lock:
+                if self._profiled(job_id):
+                    await self._start_job(job_id, spec, job.spec_yaml, model, profile, source)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the job fails visibly, whatever went wrong
+            why = exc.message if isinstance(exc, MasterError) else f"profiling failed: {exc!r}"
+            if not isinstance(exc, MasterError):
+                log.exception("job %s: profiling failed", job_id)
+            await self._fail_profiling(job_id, why)
+
+    async def _fail_profiling(self, job_id: str, why: str) -> None:
+        async with self._plan_lock:
+            if not self._profiled(job_id):
+                return
             try:
-                await asyncio.to_thread(profiles.write_cached, path, data)
-                log.info("profile of %s measured on node %d, cached at %s", spec.model.name, node.node_id, path)
-            except OSError as exc:  # a full disk costs the cache, not the job
-                log.warning("profile of %s measured on node %d, not cached: %s", spec.model.name, node.node_id, exc)
-        return profile, f"the profile measured on node {node.node_id}" if fresh else f"cached profile {path}"
+                with self._transaction():
+                    self.job.state, self.job.reason = "FAILED", why
+                    await self._commit_and_send([], [self._new_event("job_failed", why)], [])
+            except StateUnavailable as exc:
+                log.error("job %s failed (%s); recording it waits for the state file: %s", job_id, why, exc)
+
+    async def _measure(self, spec: Any, spec_yaml: str, node: planning.NodeInfo, deadline: float) -> tuple[Any, str]:
+        """Have ``node``'s agent measure the profile, joining a measurement of the same key that is
+        already under way. The ack caches the profile whoever waits (see :meth:`_apply_ack`)."""
+        key = profiles.cache_key(spec, node.slots, node.gpu_memory_bytes)
+        pc = None
+        for p in [p for p in self.pending.values() if p.row.kind == "profile"]:
+            if await self._pending_profile_key(p) == key and p.row.command_id in self.pending:
+                pc = p
+                break
+        if pc is None:
+            row = self._command(node.node_id, "profile", profile=agent_pb2.Profile(job_spec_yaml=spec_yaml))
+            what = f"measuring {spec.model.name} on node {node.node_id}"
+            ev = self._new_event("profiling", what, node_id=node.node_id)
+            (pc,) = await self._commit_and_send([row], [ev], [], False)
+            pc.profile_key = key
+        node_id = pc.row.node_id
+        timeout_s = max(0.0, deadline - self.clock())
+        try:
+            ack = await asyncio.wait_for(asyncio.shield(pc.future), timeout=timeout_s)
+        except TimeoutError:
+            raise MasterError(
+                "DEADLINE_EXCEEDED",
+                f"profile: node {node_id} did not finish profiling within {self.config.profile_timeout_s:g}s "
+                "(profile_timeout_s; its result is still cached when it arrives); set `profile:` to a "
+                "measured profile or raise the timeout",
+            ) from None
+        if not ack.ok:
+            if ack.error == "node dead":
+                raise _NodeLost(node_id)
+            raise MasterError("FAILED_PRECONDITION", f"profile: profiling on node {node_id} failed: {ack.error}")
+        planner = self.planner
+        try:
+            data = json.loads(pc.profile_json)
+            return planner.parse_profile(data), f"the profile measured on node {node_id}"
+        except (ValueError, TypeError, planner.PlannerError) as exc:
+            raise MasterError(
+                "FAILED_PRECONDITION",
+                f"profile: node {node_id} returned a profile that is not oobleck-profile/1: {exc}",
+            ) from None
+
+    async def _pending_profile_key(self, pc: PendingCommand) -> str | None:
+        """The cache key of a pending Profile command (from its spec and node; computed once)."""
+        if pc.profile_key is None:
+            from oobleck.common.jobspec import parse_job_spec
+            from oobleck.common.validate import ConfigError
+
+            yaml_text = agent_pb2.Command.FromString(pc.row.payload).profile.job_spec_yaml
+            try:
+                spec = await asyncio.to_thread(parse_job_spec, yaml_text)
+            except ConfigError:
+                return None
+            pc.profile_key = self._profile_key(spec, pc.row.node_id) or ""
+        return pc.profile_key or None
+
+    async def _cache_profile(self, pc: PendingCommand) -> None:
+        """A node's measured profile goes into the cache when it arrives, even when nobody waits
+        for it any more (the submit that asked timed out, the job was cancelled): a retry finds it."""
+        key = await self._pending_profile_key(pc)
+        if key is None:
+            return
+        try:
+            data = json.loads(pc.profile_json)
+            self.planner.parse_profile(data)
+        except Exception as exc:  # a bad profile is never cached
+            log.warning("node %d returned an unusable profile (not cached): %s", pc.row.node_id, exc)
+            return
+        path = profiles.cache_path(self.config.state_file, key)
+        try:
+            await asyncio.to_thread(profiles.write_cached, path, data)
+            log.info("profile measured on node %d cached at %s", pc.row.node_id, path)
+        except OSError as exc:  # a full disk costs the cache, not the job
+            log.warning("profile measured on node %d not cached: %s", pc.row.node_id, exc)
 
     async def _await_acks(self, waits: list[PendingCommand], timeout_s: float) -> AckOutcome:
         """Wait for acks until the deadline, or until the first failed one (a nack, or its node
@@ -1526,7 +1671,7 @@ class Master:
         persisted (nothing changes then)."""
         async with self._plan_lock:
             job = self.job
-            if job is None or job.state not in (*ACTIVE_JOB_STATES, "PAUSED"):
+            if job is None or job.state not in (*ACTIVE_JOB_STATES, "PAUSED", "PROFILING"):
                 return
             with self._transaction():
                 job.state, job.reason = state, reason

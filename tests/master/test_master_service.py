@@ -102,10 +102,13 @@ def test_submit_starts_plan_nodes_and_later_nodes_are_spares(tmp_path):
             assert states["node0"] == "NODE_STATE_ALIVE"
             status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
             assert status.state == admin_pb2.JOB_STATE_RUNNING and status.spares == 2 and status.plan.generation == 1
-            # A second job while one runs is refused.
+            # A second job while one runs is refused; the same spec again is a retry: the same job.
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await submit(stub, srv)
+                await submit(stub, srv, steps=7)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            again = await submit(stub, srv)
+            assert (again.job_id, again.generation) == (res.job_id, 1)
+            assert [a.kinds() for a in agents[:4]] == [["start"]] * 4
             await close_all([*agents, late], channel)
 
     run(body())
@@ -653,52 +656,138 @@ def test_a_death_during_a_reconfiguration_supersedes_it_at_once(tmp_path):
     run(body())
 
 
-def test_spec_without_profile_is_profiled_on_the_first_node_and_cached(tmp_path):
+async def event_log(stub):
+    return [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
+
+
+def test_spec_without_profile_answers_at_once_profiling_and_starts_when_measured(tmp_path):
+    """Issue 12 item 15: submit does not wait for the measurement (the job is PROFILING); a
+    retried submit returns the same job and measures nothing twice; the profile is cached."""
+
     async def body():
         async with running_master(tmp_path) as srv:
             agents = await start_agents(srv, 2)
+            agents[0].auto_ack = False  # holds the Profile command until the test acks it
             agents[0].profile_reply = json.dumps({"model": "measured"})
             channel, stub = admin_stub(srv.target)
-            res = await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=10)
-            assert res.generation == 1
+            spec = job_spec_yaml(None)
+            res = await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=2)
+            status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
+            assert status.state == admin_pb2.JOB_STATE_PROFILING and status.job_id == res.job_id
+            assert "measuring the profile" in status.reason and not status.plan.pipelines
+            await wait_until(lambda: agents[0].kinds() == ["profile"], what="profile command")
+            again = await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=2)
+            assert again.job_id == res.job_id  # a client's retry: the same job, nothing measured twice
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # another spec is still refused
+                await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None, steps=7)), timeout=2)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "PROFILING" in err.value.details()
+            agents[0].auto_ack = True
+            await agents[0].ack(agents[0].commands[0])
             await wait_until(lambda: agents[0].kinds() == ["profile", "start"] and agents[1].kinds() == ["start"])
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            assert srv.master.job.job_id == res.job_id and srv.master.generation == 1
             assert srv.master.ctx.profile.model == "measured"
             cached = list((tmp_path / "profiles").glob("profile-*.json"))
             assert len(cached) == 1 and json.loads(cached[0].read_text()) == {"model": "measured"}
             await stub.CancelJob(admin_pb2.CancelJobRequest(reason="again"), timeout=5)
             await wait_until(lambda: state_of(srv) == "CANCELLED")
-            await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=10)
-            assert agents[0].kinds().count("profile") == 1  # the second job used the cache
-            log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
-            assert [e.kind for e in log].count("profiling") == 1
+            res2 = await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=5)
+            assert res2.job_id != res.job_id and state_of(srv) == "STARTING"  # planned at once from the cache
+            assert agents[0].kinds().count("profile") == 1
+            kinds = [e.kind for e in await event_log(stub)]
+            assert kinds.count("profiling") == 1 and kinds.count("job_planned") == 1
+            assert kinds.count("job_submitted") == 2
             await close_all(agents, channel)
 
     run(body())
 
 
-@pytest.mark.parametrize(
-    ("reply", "auto_ack", "code", "needle"),
-    [
-        (None, True, grpc.StatusCode.FAILED_PRECONDITION, "profiling on node 1 failed: profile: no profiler"),
-        ("{not json", True, grpc.StatusCode.FAILED_PRECONDITION, "node 1 returned a malformed profile"),
-        ('["a list"]', True, grpc.StatusCode.FAILED_PRECONDITION, "not a valid oobleck-profile/1"),
-        ("{}", False, grpc.StatusCode.DEADLINE_EXCEEDED, "did not finish profiling within 0.5s"),
-    ],
-    ids=["nack", "malformed", "invalid", "timeout"],
-)
-def test_failed_profiling_fails_the_submit_and_the_master_keeps_serving(tmp_path, reply, auto_ack, code, needle):
+def test_a_late_profile_is_cached_and_a_resubmit_uses_it(tmp_path):
+    """The measurement outlives the job that asked for it (timed out, or cancelled): its result
+    is cached when it arrives, and a resubmitted job starts from it without measuring again."""
+
     async def body():
         async with running_master(tmp_path, profile_timeout_s=0.5) as srv:
-            agents = await start_agents(srv, 1, auto_ack=auto_ack)
+            agents = await start_agents(srv, 1, auto_ack=False)
+            agents[0].profile_reply = json.dumps({"model": "late"})
+            channel, stub = admin_stub(srv.target)
+            spec = job_spec_yaml(None)
+            await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=2)
+            await wait_until(lambda: state_of(srv) == "FAILED", what="timed out")
+            assert "did not finish profiling within 0.5s" in srv.master.job.reason
+            assert not list((tmp_path / "profiles").glob("profile-*.json"))
+            await agents[0].ack(agents[0].commands[0])  # the measurement finishes after all
+            await wait_until(lambda: list((tmp_path / "profiles").glob("profile-*.json")), what="cached")
+            agents[0].auto_ack = True
+            await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=spec), timeout=2)
+            await wait_until(lambda: state_of(srv) == "RUNNING")
+            assert agents[0].kinds() == ["profile", "start"] and srv.master.ctx.profile.model == "late"
+            await close_all(agents, channel)
+
+    run(body())
+
+
+def test_a_job_profiling_when_the_measuring_node_dies_is_measured_on_another(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 2)
+            agents[0].auto_ack = False
+            for a in agents:
+                a.profile_reply = json.dumps({"model": a.name})
+            channel, stub = admin_stub(srv.target)
+            await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=2)
+            await wait_until(lambda: agents[0].kinds() == ["profile"])
+            await agents[0].drop_session()
+            await wait_until(lambda: state_of(srv) == "RUNNING", what="running on the other node")
+            assert agents[1].kinds() == ["profile", "start"] and srv.master.ctx.profile.model == agents[1].name
+            await close_all(agents[1:], channel)
+
+    run(body())
+
+
+def test_a_master_restarted_while_profiling_carries_on(tmp_path):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 1, auto_ack=False)
+            agents[0].profile_reply = json.dumps({"model": "measured"})
+            channel, stub = admin_stub(srv.target)
+            res = await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=2)
+            await wait_until(lambda: agents[0].kinds() == ["profile"])
+            await close_all(agents, channel)
+        async with running_master(tmp_path) as srv:
+            assert state_of(srv) == "PROFILING" and srv.master.job.job_id == res.job_id
+            agent = await FakeAgent(srv.target, agents[0].name, node_id=agents[0].node_id).start()
+            agent.profile_reply = json.dumps({"model": "measured"})
+            await wait_until(lambda: state_of(srv) == "RUNNING", what="started after the restart")
+            assert agent.kinds() == ["profile", "start"]  # the unacked Profile command came again
+            assert srv.master.job.job_id == res.job_id
+            await close_all([agent], None)
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("reply", "needle"),
+    [
+        (None, "profiling on node 1 failed: profile: no profiler"),
+        ("{not json", "node 1 returned a profile that is not oobleck-profile/1"),
+        ('["a list"]', "node 1 returned a profile that is not oobleck-profile/1"),
+    ],
+    ids=["nack", "malformed", "invalid"],
+)
+def test_failed_profiling_fails_the_job_and_the_master_keeps_serving(tmp_path, reply, needle):
+    async def body():
+        async with running_master(tmp_path) as srv:
+            agents = await start_agents(srv, 1)
             agents[0].profile_reply = reply
             channel, stub = admin_stub(srv.target)
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=10)
-            assert err.value.code() == code and needle in err.value.details(), err.value.details()
-            assert srv.master.job is None and not srv.master.pending
-            assert not list((tmp_path / "profiles").glob("profile-*.json"))
+            await stub.SubmitJob(admin_pb2.SubmitJobRequest(job_spec_yaml=job_spec_yaml(None)), timeout=2)
+            await wait_until(lambda: state_of(srv) == "FAILED", what="failed")
             status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
-            assert status.state == admin_pb2.JOB_STATE_NONE
+            assert status.state == admin_pb2.JOB_STATE_FAILED and needle in status.reason, status.reason
+            assert not srv.master.pending and not list((tmp_path / "profiles").glob("profile-*.json"))
+            kinds = [e.kind for e in await event_log(stub)]
+            assert kinds[-1] == "job_failed" and "job_planned" not in kinds
             await close_all(agents, channel)
 
     run(body())
