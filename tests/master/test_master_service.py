@@ -812,7 +812,11 @@ def test_degraded_is_recorded_when_fewer_than_ft_plus_one_pipelines_or_idle_node
             await wait_until(lambda: srv.master.metrics.degraded._value.get() == 0, what="not degraded")
             log = [e async for e in stub.WatchEvents(admin_pb2.WatchEventsRequest(since_id=0, follow=False))]
             kinds = [e.kind for e in log]
-            assert kinds.count("degraded") == 1 and kinds.index("degraded") < kinds.index("degraded_cleared")
+            # One degraded event per change of reason (the late node may be idle for a moment too).
+            cleared = kinds.index("degraded_cleared")
+            assert kinds.count("degraded_cleared") == 1 and "degraded" not in kinds[cleared:]
+            reasons = [e.message for e in log if e.kind == "degraded"]
+            assert len(set(reasons)) == len(reasons) <= 2, reasons
             assert len(srv.master.pipelines) == 2
             await close_all([*agents[:3], late], channel)
 
