@@ -118,13 +118,24 @@ def _status(args, stub, admin_pb2) -> None:
         print(f"pipeline {i}:  nodes {list(p.node_ids)}  microbatches {p.microbatches}")
 
 
+def iter_nodes(stub, admin_pb2, timeout_s: float, page_size: int = 5000):
+    """Every node the master knows, page by page (ListNodes answers at most a page at a time)."""
+    after = 0
+    while True:
+        res = stub.ListNodes(admin_pb2.ListNodesRequest(page_size=page_size, after_node_id=after), timeout=timeout_s)
+        yield from res.nodes
+        if not res.next_after_node_id:
+            return
+        after = res.next_after_node_id
+
+
 def _nodes(args, stub, admin_pb2) -> None:
-    res = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=args.timeout_s)
+    nodes = iter_nodes(stub, admin_pb2, args.timeout_s)
     if args.json:
-        _print_json(_to_dict(res).get("nodes", []))
+        _print_json([_to_dict(n) for n in nodes])
         return
     print(f"{'ID':>5}  {'NAME':<20} {'ADDRESS':<16} {'SLOTS':>5}  {'STATE':<9} {'SEEN':>7}  REASON")
-    for n in res.nodes:
+    for n in nodes:
         state = admin_pb2.NodeState.Name(n.state).removeprefix("NODE_STATE_").lower()
         print(
             f"{n.node_id:>5}  {escape_control(n.name):<20} {escape_control(n.address):<16} {n.slots:>5}  {state:<9} "

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from oobleck.cli.admin import ENV_ADMIN_TOKEN_FILE, ENV_MASTER, add_master_flags, admin_channel
+from oobleck.cli.admin import ENV_ADMIN_TOKEN_FILE, ENV_MASTER, add_master_flags, admin_channel, iter_nodes
 from oobleck.common.cli import base_parser
 from oobleck.common.logs import setup_logging
 from oobleck.common.validate import ConfigError
@@ -164,7 +164,7 @@ def _wait_registered(stub, count: int, timeout_s: float) -> None:
 
     deadline = time.monotonic() + timeout_s
     while True:
-        nodes = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=10).nodes
+        nodes = list(iter_nodes(stub, admin_pb2, 10))
         live = [n for n in nodes if n.state in (admin_pb2.NODE_STATE_ALIVE, admin_pb2.NODE_STATE_SPARE)]
         if len(live) >= count:
             return

@@ -67,7 +67,10 @@ class MasterConfig:
     tls_client_ca_file: str | None = None
     allow_insecure: bool = False
     max_message_bytes: int = 16 * 1024 * 1024
-    max_nodes: int = 4096
+    max_nodes: int = 4096  # live nodes (dead ones do not count)
+    dead_node_retention_s: float = 600.0  # dead nodes are listed this long, then purged (events keep them)
+    register_rate_per_s: float = 5.0  # registrations per second per peer address, after a burst of
+    register_burst: int = 100  # ... this many (a host running many agents, or agents re-registering)
     # Cluster description handed to the planner (per node / per link).
     cpu_memory_bytes_per_slot: int = 8 * GIB
     intra_node_bytes_per_s: float = 100e9
@@ -117,6 +120,9 @@ class MasterConfig:
         v.boolean(self.allow_insecure, "allow_insecure")
         v.integer(self.max_message_bytes, "max_message_bytes", min_value=4096, max_value=1 << 30)
         v.integer(self.max_nodes, "max_nodes", min_value=1, max_value=1_000_000)
+        v.number(self.dead_node_retention_s, "dead_node_retention_s", min_value=0.0, max_value=365 * 86400)
+        v.number(self.register_rate_per_s, "register_rate_per_s", min_value=0.0, exclusive_min=True, max_value=1e6)
+        v.integer(self.register_burst, "register_burst", min_value=1, max_value=1_000_000)
         v.integer(self.cpu_memory_bytes_per_slot, "cpu_memory_bytes_per_slot", min_value=1)
         v.number(self.intra_node_bytes_per_s, "intra_node_bytes_per_s", min_value=0.0, exclusive_min=True)
         v.number(self.inter_node_bytes_per_s, "inter_node_bytes_per_s", min_value=0.0, exclusive_min=True)

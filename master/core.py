@@ -11,6 +11,7 @@ Rules kept throughout:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oobleck.common.text import escape_control
-from oobleck.master import planning, profiles
+from oobleck.master import membership, planning, profiles
 from oobleck.master.config import MasterConfig
 from oobleck.master.detect import DetectConfig, DetectState, NodeLiveness, decide
 from oobleck.master.metrics import MasterMetrics
@@ -37,8 +38,15 @@ log = logging.getLogger(__name__)
 
 ACTIVE_JOB_STATES = ("STARTING", "RUNNING", "RECONFIGURING")
 TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+STATUS_NODES = 1000  # nodes listed in /api/status (ListNodes pages through all)
+PURGE_EVERY_S = 1.0
 MAX_EVENTS_IN_MEMORY = 10_000
 WATCH_QUEUE_SIZE = 1_000
+
+
+def _ids(ids: list[int], shown: int = 20) -> str:
+    """A list of node ids for a log line, the first ``shown`` of them."""
+    return str(ids) if len(ids) <= shown else f"{ids[:shown]} and {len(ids) - shown} more"
 
 
 def degradation(pipelines: int, ft: int, idle: list[int]) -> str:
@@ -134,6 +142,7 @@ class NodeRuntime:
     reattach_by_s: float | None = None  # set when state is loaded after a restart; cleared on attach
     joined_s: float = 0.0  # when it registered (or the master loaded it): for the scale-up delay
     leaving: bool = False  # its agent announced it is going away (pre-emption notice)
+    dead_since_s: float | None = None  # when it was declared dead (or loaded dead): purged after retention
 
 
 @dataclass
@@ -212,7 +221,9 @@ class Master:
         )
         self.scale_config = ScaleUpConfig(config.scale_up, config.scale_up_delay_s)
         self._scale_tried: tuple[int, frozenset[int]] | None = None  # (generation, spares of no use then)
-        self.nodes: dict[int, NodeRuntime] = {}
+        self.nodes: dict[int, NodeRuntime] = {}  # every node not purged, in node id order
+        self.live: dict[int, NodeRuntime] = {}  # the nodes not dead: what detection and planning look at
+        self._next_purge_s = 0.0
         self.job: JobRow | None = None
         self.pipelines: tuple[tuple[int, ...], ...] = ()
         self.ctx: planning.PlanContext | None = None
@@ -261,9 +272,12 @@ class Master:
         self._next_command_id = snap.next_command_id
         for row in snap.nodes:
             # Agents reconnect with backoff: everybody gets restart_grace_s to re-attach.
-            self.nodes[row.node_id] = NodeRuntime(
-                row=row, last_seen_s=now, reattach_by_s=now + self.config.restart_grace_s, joined_s=now
-            )
+            node = NodeRuntime(row=row, last_seen_s=now, reattach_by_s=now + self.config.restart_grace_s, joined_s=now)
+            self.nodes[row.node_id] = node
+            if row.state == "dead":
+                node.dead_since_s = now  # retention restarts with the master
+            else:
+                self.live[row.node_id] = node
         if self.job is not None:
             self.pipelines = tuple(tuple(p) for p in self.job.plan_json.get("pipelines", ()))
             self.metrics.generation.set(self.job.generation)
@@ -336,11 +350,11 @@ class Master:
         await self.store.close()
 
     def attached_sessions(self) -> int:
-        return sum(1 for n in self.nodes.values() if n.session is not None)
+        return sum(1 for n in self.live.values() if n.session is not None)
 
     def end_sessions(self) -> None:
         self.stopping = True
-        for node in self.nodes.values():
+        for node in self.live.values():
             if node.session is not None:
                 node.session.close("UNAVAILABLE", "master shutting down")
 
@@ -361,9 +375,8 @@ class Master:
         return self.job.generation if self.job else 0
 
     def _counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for n in self.nodes.values():
-            counts[n.row.state] = counts.get(n.row.state, 0) + 1
+        counts = collections.Counter(n.row.state for n in self.live.values())
+        counts["dead"] = len(self.nodes) - len(self.live)
         return counts
 
     def _update_node_metrics(self) -> None:
@@ -382,9 +395,12 @@ class Master:
                 view.plan = plan_pb2.Plan.FromString(job.plan)
         return view
 
-    def list_nodes(self) -> list[NodeView]:
+    def list_nodes(self, after_node_id: int = 0, limit: int = 1_000_000) -> tuple[list[NodeView], int]:
+        """A page of nodes in id order: (at most ``limit`` nodes with id > ``after_node_id``,
+        the id to continue after, 0 when this is the last page)."""
         now = self.clock()
-        return [
+        nodes, next_after = membership.page(self.nodes.values(), after_node_id, limit, key=lambda n: n.row.node_id)
+        views = [
             NodeView(
                 n.row.node_id,
                 n.row.name,
@@ -394,11 +410,13 @@ class Master:
                 max(0.0, now - n.last_seen_s),
                 n.row.reason or n.failed_reason or "",
             )
-            for n in sorted(self.nodes.values(), key=lambda n: n.row.node_id)
+            for n in nodes
         ]
+        return views, next_after
 
     def status_dict(self) -> dict[str, Any]:
         s = self.status()
+        nodes, next_after = self.list_nodes(0, STATUS_NODES)
         return {
             "job_id": s.job_id,
             "state": s.state,
@@ -414,6 +432,8 @@ class Master:
             "pipelines": [list(p) for p in self.pipelines],
             "detector": self._last_reason,
             "state_store": "ok" if self.store_failure is None else f"failing: {self.store_failure}",
+            "nodes_total": len(self.nodes),
+            "nodes_truncated": bool(next_after),  # the first STATUS_NODES; ListNodes pages through all
             "nodes": [
                 {
                     "node_id": n.node_id,
@@ -422,7 +442,7 @@ class Master:
                     "last_seen_s_ago": round(n.last_seen_s_ago, 3),
                     "attached": self.nodes[n.node_id].session is not None,
                 }
-                for n in self.list_nodes()
+                for n in nodes
             ],
         }
 
@@ -611,7 +631,7 @@ class Master:
                         "is attached and heartbeating); a restarted agent registers once that session is gone",
                     )
                 known.failed_reason = "agent restarted (new nonce)"
-            live = sum(1 for n in self.nodes.values() if n.row.state != "dead")
+            live = len(self.live)
             if live >= self.config.max_nodes:
                 raise MasterError("RESOURCE_EXHAUSTED", f"max_nodes: the master already has {live} live nodes")
             row = NodeRow(
@@ -632,7 +652,9 @@ class Master:
             except StoreError as exc:
                 self._store_failed(exc)
                 raise StateUnavailable(str(exc)) from None
-            self.nodes[row.node_id] = NodeRuntime(row=row, last_seen_s=self.clock(), joined_s=self.clock())
+            self.nodes[row.node_id] = self.live[row.node_id] = NodeRuntime(
+                row=row, last_seen_s=self.clock(), joined_s=self.clock()
+            )
             self._update_node_metrics()
             await self._record("node_registered", f"{row.name} ({row.slots} slots) registered", node_id=row.node_id)
             if self.job is not None and self.job.state == "PAUSED":
@@ -857,8 +879,7 @@ class Master:
                 n.row.state in ("alive", "draining"),
                 n.reattach_by_s,
             )
-            for n in self.nodes.values()
-            if n.row.state != "dead"
+            for n in self.live.values()
         )
         return DetectState(live, self._pending_since)
 
@@ -903,7 +924,7 @@ class Master:
         plan_slots = {self.nodes[n].row.slots for p in self.pipelines for n in p if n in self.nodes}
         spares = tuple(
             (n.row.node_id, n.joined_s)
-            for n in self.nodes.values()
+            for n in self.live.values()
             if n.row.state == "spare"
             and n.failed_reason is None
             and not n.leaving
@@ -924,6 +945,29 @@ class Master:
                 self._progress_dirty = False
                 await self._save_fact("update_progress", self.job.step, self.job.state, self.job.reason)
             await self.retry_store()
+            await self.purge_dead()
+
+    async def purge_dead(self) -> None:
+        """Forget dead nodes older than ``dead_node_retention_s`` that nothing refers to: first in
+        the state file, then in memory (at most once per second; not while the file fails)."""
+        now = self.clock()
+        if now < self._next_purge_s or self.store_failure is not None or len(self.nodes) == len(self.live):
+            return
+        self._next_purge_s = now + PURGE_EVERY_S
+        keep = {n for p in self.pipelines for n in p} | set(self._lost)
+        keep |= {pc.row.node_id for pc in self.pending.values()}
+        dead = {i: n.dead_since_s or now for i, n in self.nodes.items() if i not in self.live}
+        gone = membership.purgeable(now, dead, keep, self.config.dead_node_retention_s)
+        if not gone:
+            return
+        if not await self._save_fact("delete_nodes", gone):
+            return
+        for node_id in gone:
+            self.nodes.pop(node_id, None)
+        self.metrics.nodes_purged.inc(len(gone))
+        self._update_node_metrics()
+        log.info("purged %d dead nodes (dead for over %gs): %s", len(gone), self.config.dead_node_retention_s,
+                 _ids(gone))  # fmt: skip
 
     async def _declare_dead(self, node_id: int, why: str) -> None:
         node = self.nodes.get(node_id)
@@ -932,6 +976,8 @@ class Master:
         detect_s = max(0.0, self.clock() - node.last_seen_s)
         was = node.row.state
         node.row.state, node.row.reason = "dead", why
+        node.dead_since_s = self.clock()
+        self.live.pop(node_id, None)
         if node.session is not None:
             node.session.close("FAILED_PRECONDITION", f"node {node_id} declared dead: {why}")
             node.session = None
@@ -959,7 +1005,7 @@ class Master:
     def _planning_nodes(self) -> list[planning.NodeInfo]:
         return [
             planning.NodeInfo(n.row.node_id, n.row.address, n.row.slots, n.row.gpu_memory_bytes, n.row.store_port)
-            for n in sorted(self.nodes.values(), key=lambda n: n.row.node_id)
+            for n in sorted(self.live.values(), key=lambda n: n.row.node_id)
             if n.row.state in ("alive", "spare") and n.failed_reason is None and not n.leaving
         ]
 

@@ -54,6 +54,14 @@ class MasterMetrics:
             ["reason"],
             registry=r,
         )
+        self.nodes_purged = Counter(
+            "oobleck_nodes_purged", "Dead nodes forgotten after dead_node_retention_s", registry=r
+        )
+        self.registrations_refused = Counter(
+            "oobleck_registrations_refused",
+            "Registrations refused because their peer exceeded the per-peer rate limit",
+            registry=r,
+        )
         for reason in REASONS:
             self.reports_ignored.labels(reason=reason)
         for state in NODE_STATES:

@@ -26,6 +26,7 @@ from oobleck.common.text import escape_control
 from oobleck.common.tls import ServerTls, add_port, server_options
 from oobleck.master.config import MasterConfig
 from oobleck.master.core import Master, MasterError, RegisterInfo
+from oobleck.master.membership import RateLimiter, peer_host
 from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 HELLO_TIMEOUT_S = 10.0
 MAX_NAME_CHARS = 253
 MAX_TEXT_CHARS = 1024
+DEFAULT_NODES_PAGE = 1000  # ListNodes without page_size
+MAX_NODES_PAGE = 5000
 MAX_PROFILE_CHARS = 4 << 20  # an oobleck-profile/1 document in a Profile ack
 
 
@@ -106,9 +109,25 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, master: Master) -> None:
         self.master = master
+        cfg = master.config
+        self.register_limit = RateLimiter(cfg.register_rate_per_s, cfg.register_burst)
+
+    def _check_rate(self, context) -> None:
+        """Registrations per peer address are rate-limited (a flood from one host cannot fill the
+        node table); refused with RESOURCE_EXHAUSTED and the time to wait."""
+        peer = peer_host(context.peer() or "")
+        allowed, wait_s = self.register_limit.allow(peer, self.master.clock())
+        if not allowed:
+            self.master.metrics.registrations_refused.inc()
+            raise MasterError(
+                "RESOURCE_EXHAUSTED",
+                f"too many registrations from {peer} (register_rate_per_s {self.master.config.register_rate_per_s:g}, "
+                f"register_burst {self.master.config.register_burst}); retry in {wait_s:.1f}s",
+            )
 
     async def Register(self, request: agent_pb2.RegisterRequest, context) -> agent_pb2.RegisterResponse:
         try:
+            self._check_rate(context)
             info = RegisterInfo(
                 node_name=_text(request.node_name, "node_name"),
                 address=_text(request.address, "address"),
@@ -281,7 +300,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     async def ListNodes(self, request, context):
+        try:
+            size = _int(request.page_size, "page_size", 0, MAX_NODES_PAGE) or DEFAULT_NODES_PAGE
+            after = _int(request.after_node_id, "after_node_id", 0, 1 << 62)
+        except _Invalid as exc:
+            await _abort(context, exc)
+        nodes, next_after = self.master.list_nodes(after, size)
         return admin_pb2.ListNodesResponse(
+            next_after_node_id=next_after,
+            total=len(self.master.nodes),
             nodes=[
                 admin_pb2.NodeInfo(
                     node_id=n.node_id,
@@ -292,8 +319,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                     last_seen_s_ago=n.last_seen_s_ago,
                     reason=n.reason,
                 )
-                for n in self.master.list_nodes()
-            ]
+                for n in nodes
+            ],
         )
 
     async def WatchEvents(self, request, context):

@@ -372,6 +372,13 @@ class Store:
                 (node_id,),
             )
 
+    def delete_nodes(self, node_ids: list[int]) -> None:
+        """Purge dead nodes and their (acked) commands, in one transaction; events keep history."""
+        with self._tx() as c:
+            for node_id in node_ids:
+                c.execute("DELETE FROM commands WHERE node_id = ? AND acked = 1", (node_id,))
+                c.execute("DELETE FROM nodes WHERE node_id = ? AND state = 'dead'", (node_id,))
+
     def commands_for(self, node_id: int) -> list[CommandRow]:
         return [
             CommandRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]), r[7])

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import plan_pb2 as oobleck_dot_v1_dot_plan__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16oobleck/v1/admin.proto\x12\noobleck.v1\x1a\x15oobleck/v1/plan.proto\")\n\x10SubmitJobRequest\x12\x15\n\rjob_spec_yaml\x18\x01 \x01(\t\"7\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"\x12\n\x10GetStatusRequest\"\x8d\x02\n\x11GetStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.oobleck.v1.JobState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x03\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x08 \x01(\x01\x12\x13\n\x0bnodes_alive\x18\t \x01(\x05\x12\x12\n\nnodes_dead\x18\n \x01(\x05\x12\x0e\n\x06spares\x18\x0b \x01(\x05\x12\x1e\n\x04plan\x18\x0c \x01(\x0b\x32\x10.oobleck.v1.Plan\"\x12\n\x10ListNodesRequest\"\x98\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.oobleck.v1.NodeState\x12\x17\n\x0flast_seen_s_ago\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.oobleck.v1.NodeInfo\"M\n\x12WatchEventsRequest\x12\x10\n\x08since_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x15\n\rinclude_steps\x18\x03 \x01(\x08\"\x8a\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x13\n\x0bunix_time_s\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\x03\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x36\n\x0b\x64urations_s\x18\x08 \x03(\x0b\x32!.oobleck.v1.Event.DurationsSEntry\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x15\n\rsamples_per_s\x18\n \x01(\x01\x1a\x31\n\x0f\x44urationsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\"\x13\n\x11\x44rainNodeResponse\"%\n\x12UndrainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\"\x15\n\x13UndrainNodeResponse\"\"\n\x0fKillNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\"\x12\n\x10KillNodeResponse\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x13\n\x11\x43\x61ncelJobResponse*\xfc\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_STATE_NONE\x10\x01\x12\x16\n\x12JOB_STATE_STARTING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x1b\n\x17JOB_STATE_RECONFIGURING\x10\x04\x12\x14\n\x10JOB_STATE_PAUSED\x10\x05\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x06\x12\x14\n\x10JOB_STATE_FAILED\x10\x07\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x08\x12\x17\n\x13JOB_STATE_PROFILING\x10\t*\x99\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_ALIVE\x10\x01\x12\x14\n\x10NODE_STATE_SPARE\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x13\n\x0fNODE_STATE_DEAD\x10\x04\x12\x16\n\x12NODE_STATE_DRAINED\x10\x05\x32\xdb\x04\n\x0c\x41\x64minService\x12H\n\tSubmitJob\x12\x1c.oobleck.v1.SubmitJobRequest\x1a\x1d.oobleck.v1.SubmitJobResponse\x12H\n\tGetStatus\x12\x1c.oobleck.v1.GetStatusRequest\x1a\x1d.oobleck.v1.GetStatusResponse\x12H\n\tListNodes\x12\x1c.oobleck.v1.ListNodesRequest\x1a\x1d.oobleck.v1.ListNodesResponse\x12\x42\n\x0bWatchEvents\x12\x1e.oobleck.v1.WatchEventsRequest\x1a\x11.oobleck.v1.Event0\x01\x12H\n\tDrainNode\x12\x1c.oobleck.v1.DrainNodeRequest\x1a\x1d.oobleck.v1.DrainNodeResponse\x12N\n\x0bUndrainNode\x12\x1e.oobleck.v1.UndrainNodeRequest\x1a\x1f.oobleck.v1.UndrainNodeResponse\x12\x45\n\x08KillNode\x12\x1b.oobleck.v1.KillNodeRequest\x1a\x1c.oobleck.v1.KillNodeResponse\x12H\n\tCancelJob\x12\x1c.oobleck.v1.CancelJobRequest\x1a\x1d.oobleck.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16oobleck/v1/admin.proto\x12\noobleck.v1\x1a\x15oobleck/v1/plan.proto\")\n\x10SubmitJobRequest\x12\x15\n\rjob_spec_yaml\x18\x01 \x01(\t\"7\n\x11SubmitJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\"\x12\n\x10GetStatusRequest\"\x8d\x02\n\x11GetStatusResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.oobleck.v1.JobState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x03\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x08 \x01(\x01\x12\x13\n\x0bnodes_alive\x18\t \x01(\x05\x12\x12\n\nnodes_dead\x18\n \x01(\x05\x12\x0e\n\x06spares\x18\x0b \x01(\x05\x12\x1e\n\x04plan\x18\x0c \x01(\x0b\x32\x10.oobleck.v1.Plan\"<\n\x10ListNodesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x15\n\rafter_node_id\x18\x02 \x01(\x03\"\x98\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12$\n\x05state\x18\x05 \x01(\x0e\x32\x15.oobleck.v1.NodeState\x12\x17\n\x0flast_seen_s_ago\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\t\"c\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.oobleck.v1.NodeInfo\x12\x1a\n\x12next_after_node_id\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x05\"M\n\x12WatchEventsRequest\x12\x10\n\x08since_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x15\n\rinclude_steps\x18\x03 \x01(\x08\"\x8a\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x13\n\x0bunix_time_s\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\x03\x12\x12\n\ngeneration\x18\x05 \x01(\x03\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x36\n\x0b\x64urations_s\x18\x08 \x03(\x0b\x32!.oobleck.v1.Event.DurationsSEntry\x12\x0c\n\x04loss\x18\t \x01(\x01\x12\x15\n\rsamples_per_s\x18\n \x01(\x01\x1a\x31\n\x0f\x44urationsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\"\x13\n\x11\x44rainNodeResponse\"%\n\x12UndrainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\"\x15\n\x13UndrainNodeResponse\"\"\n\x0fKillNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\"\x12\n\x10KillNodeResponse\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x13\n\x11\x43\x61ncelJobResponse*\xfc\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eJOB_STATE_NONE\x10\x01\x12\x16\n\x12JOB_STATE_STARTING\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x1b\n\x17JOB_STATE_RECONFIGURING\x10\x04\x12\x14\n\x10JOB_STATE_PAUSED\x10\x05\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x06\x12\x14\n\x10JOB_STATE_FAILED\x10\x07\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x08\x12\x17\n\x13JOB_STATE_PROFILING\x10\t*\x99\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_ALIVE\x10\x01\x12\x14\n\x10NODE_STATE_SPARE\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x13\n\x0fNODE_STATE_DEAD\x10\x04\x12\x16\n\x12NODE_STATE_DRAINED\x10\x05\x32\xdb\x04\n\x0c\x41\x64minService\x12H\n\tSubmitJob\x12\x1c.oobleck.v1.SubmitJobRequest\x1a\x1d.oobleck.v1.SubmitJobResponse\x12H\n\tGetStatus\x12\x1c.oobleck.v1.GetStatusRequest\x1a\x1d.oobleck.v1.GetStatusResponse\x12H\n\tListNodes\x12\x1c.oobleck.v1.ListNodesRequest\x1a\x1d.oobleck.v1.ListNodesResponse\x12\x42\n\x0bWatchEvents\x12\x1e.oobleck.v1.WatchEventsRequest\x1a\x11.oobleck.v1.Event0\x01\x12H\n\tDrainNode\x12\x1c.oobleck.v1.DrainNodeRequest\x1a\x1d.oobleck.v1.DrainNodeResponse\x12N\n\x0bUndrainNode\x12\x1e.oobleck.v1.UndrainNodeRequest\x1a\x1f.oobleck.v1.UndrainNodeResponse\x12\x45\n\x08KillNode\x12\x1b.oobleck.v1.KillNodeRequest\x1a\x1c.oobleck.v1.KillNodeResponse\x12H\n\tCancelJob\x12\x1c.oobleck.v1.CancelJobRequest\x1a\x1d.oobleck.v1.CancelJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT_DURATIONSSENTRY']._loaded_options = None
   _globals['_EVENT_DURATIONSSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1268
-  _globals['_JOBSTATE']._serialized_end=1520
-  _globals['_NODESTATE']._serialized_start=1523
-  _globals['_NODESTATE']._serialized_end=1676
+  _globals['_JOBSTATE']._serialized_start=1353
+  _globals['_JOBSTATE']._serialized_end=1605
+  _globals['_NODESTATE']._serialized_start=1608
+  _globals['_NODESTATE']._serialized_end=1761
   _globals['_SUBMITJOBREQUEST']._serialized_start=61
   _globals['_SUBMITJOBREQUEST']._serialized_end=102
   _globals['_SUBMITJOBRESPONSE']._serialized_start=104
@@ -47,33 +47,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSRESPONSE']._serialized_start=182
   _globals['_GETSTATUSRESPONSE']._serialized_end=451
   _globals['_LISTNODESREQUEST']._serialized_start=453
-  _globals['_LISTNODESREQUEST']._serialized_end=471
-  _globals['_NODEINFO']._serialized_start=474
-  _globals['_NODEINFO']._serialized_end=626
-  _globals['_LISTNODESRESPONSE']._serialized_start=628
-  _globals['_LISTNODESRESPONSE']._serialized_end=684
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=686
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=763
-  _globals['_EVENT']._serialized_start=766
-  _globals['_EVENT']._serialized_end=1032
-  _globals['_EVENT_DURATIONSSENTRY']._serialized_start=983
-  _globals['_EVENT_DURATIONSSENTRY']._serialized_end=1032
-  _globals['_DRAINNODEREQUEST']._serialized_start=1034
-  _globals['_DRAINNODEREQUEST']._serialized_end=1069
-  _globals['_DRAINNODERESPONSE']._serialized_start=1071
-  _globals['_DRAINNODERESPONSE']._serialized_end=1090
-  _globals['_UNDRAINNODEREQUEST']._serialized_start=1092
-  _globals['_UNDRAINNODEREQUEST']._serialized_end=1129
-  _globals['_UNDRAINNODERESPONSE']._serialized_start=1131
-  _globals['_UNDRAINNODERESPONSE']._serialized_end=1152
-  _globals['_KILLNODEREQUEST']._serialized_start=1154
-  _globals['_KILLNODEREQUEST']._serialized_end=1188
-  _globals['_KILLNODERESPONSE']._serialized_start=1190
-  _globals['_KILLNODERESPONSE']._serialized_end=1208
-  _globals['_CANCELJOBREQUEST']._serialized_start=1210
-  _globals['_CANCELJOBREQUEST']._serialized_end=1244
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1246
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1265
-  _globals['_ADMINSERVICE']._serialized_start=1679
-  _globals['_ADMINSERVICE']._serialized_end=2282
+  _globals['_LISTNODESREQUEST']._serialized_end=513
+  _globals['_NODEINFO']._serialized_start=516
+  _globals['_NODEINFO']._serialized_end=668
+  _globals['_LISTNODESRESPONSE']._serialized_start=670
+  _globals['_LISTNODESRESPONSE']._serialized_end=769
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=771
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=848
+  _globals['_EVENT']._serialized_start=851
+  _globals['_EVENT']._serialized_end=1117
+  _globals['_EVENT_DURATIONSSENTRY']._serialized_start=1068
+  _globals['_EVENT_DURATIONSSENTRY']._serialized_end=1117
+  _globals['_DRAINNODEREQUEST']._serialized_start=1119
+  _globals['_DRAINNODEREQUEST']._serialized_end=1154
+  _globals['_DRAINNODERESPONSE']._serialized_start=1156
+  _globals['_DRAINNODERESPONSE']._serialized_end=1175
+  _globals['_UNDRAINNODEREQUEST']._serialized_start=1177
+  _globals['_UNDRAINNODEREQUEST']._serialized_end=1214
+  _globals['_UNDRAINNODERESPONSE']._serialized_start=1216
+  _globals['_UNDRAINNODERESPONSE']._serialized_end=1237
+  _globals['_KILLNODEREQUEST']._serialized_start=1239
+  _globals['_KILLNODEREQUEST']._serialized_end=1273
+  _globals['_KILLNODERESPONSE']._serialized_start=1275
+  _globals['_KILLNODERESPONSE']._serialized_end=1293
+  _globals['_CANCELJOBREQUEST']._serialized_start=1295
+  _globals['_CANCELJOBREQUEST']._serialized_end=1329
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1331
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1350
+  _globals['_ADMINSERVICE']._serialized_start=1764
+  _globals['_ADMINSERVICE']._serialized_end=2367
 # @@protoc_insertion_point(module_scope)

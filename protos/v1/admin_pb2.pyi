@@ -93,8 +93,12 @@ class GetStatusResponse(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., samples_per_s: _Optional[float] = ..., nodes_alive: _Optional[int] = ..., nodes_dead: _Optional[int] = ..., spares: _Optional[int] = ..., plan: _Optional[_Union[_plan_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "after_node_id")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    after_node_id: int
+    def __init__(self, page_size: _Optional[int] = ..., after_node_id: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "address", "slots", "state", "last_seen_s_ago", "reason")
@@ -115,10 +119,14 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[int] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., slots: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_seen_s_ago: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
-    __slots__ = ("nodes",)
+    __slots__ = ("nodes", "next_after_node_id", "total")
     NODES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
+    next_after_node_id: int
+    total: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., next_after_node_id: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("since_id", "follow", "include_steps")
