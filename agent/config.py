@@ -31,6 +31,7 @@ class AgentConfig:
     node_name: str = ""  # default: this host's name
     slots: int = 1
     address: str = ""  # host other nodes use to reach this node; default: 127.0.0.1 for a loopback master
+    store_port: int = 0  # the rendezvous store's port (bound on ``address``); 0: an ephemeral port
     work_dir: str = ""  # default: a fresh private temporary directory
     worker_command: str = ""  # default: "<this python> -m oobleck.worker"
     tls_ca_file: str | None = None
@@ -67,6 +68,7 @@ class AgentConfig:
         if self.address == "":
             self.address = "127.0.0.1" if is_loopback_host(host) else socket.getfqdn()
         v.string(self.address, "address")
+        v.integer(self.store_port, "store_port", min_value=0, max_value=65535)
         v.string(self.work_dir, "work_dir", allow_empty=True)
         v.string(self.worker_command, "worker_command", allow_empty=True)
         if self.worker_command.strip():
@@ -122,14 +124,15 @@ class AgentConfig:
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AgentConfig) if f.init)
 _BOOL_FIELDS = {"allow_insecure"}
 _FLOAT_FIELDS = {f.name for f in fields(AgentConfig) if f.name.endswith("_s")}
-_INT_FIELDS = {"slots"}
+_INT_FIELDS = {"slots", "store_port"}
 _HELP = {
     "master": "master's AgentService address HOST:PORT",
     "token_file": "file holding the agent bearer token",
     "node_name": "this node's name (default: the host name)",
     "slots": "workers on this node: GPUs, or CPU slots (default 1)",
-    "address": "host other nodes use to reach this node's rendezvous store "
-    "(default: 127.0.0.1 for a loopback master, else the FQDN)",
+    "address": "host other nodes use to reach this node's rendezvous store; the store listens only there "
+    "when it is one address of this host (default: 127.0.0.1 for a loopback master, else the FQDN)",
+    "store_port": "port of this node's rendezvous store, to open in a firewall (default 0: an ephemeral port)",
     "work_dir": "directory for the worker socket and worker files (default: a private temp dir)",
     "worker_command": 'command line of one worker (default: "python -m oobleck.worker")',
     "tls_ca_file": "CA bundle that verifies the master's certificate (turns TLS on)",

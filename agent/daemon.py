@@ -14,7 +14,9 @@ Long-lived tasks under one ``asyncio.TaskGroup`` (the first failure stops the ag
 - shutdown: SIGTERM / SIGINT stop the workers (SIGTERM -> deadline -> SIGKILL) and exit 0;
   a Kill drill SIGKILLs them and exits 1 without acking.
 
-Workers talk to the agent through :mod:`oobleck.agent.channel` on a Unix socket.
+Workers talk to the agent through :mod:`oobleck.agent.channel` on a Unix socket. The agent also
+hosts a torch TCPStore for the rendezvous of generations whose plan starts on this node, bound to
+the node's ``address`` where it can be (:func:`_create_store`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import errno
+import ipaddress
 import json
 import logging
 import math
@@ -31,9 +35,11 @@ import random
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +52,7 @@ from oobleck.agent.profiling import ProfileFailed, run_profiler
 from oobleck.agent.supervision import LivenessConfig, Verdict, WorkerProbe, decide_worker, read_proc_state
 from oobleck.common.auth import TokenFileError, bearer_metadata, read_token_file
 from oobleck.common.jobspec import parse_job_spec
-from oobleck.common.tls import ClientTls, aio_channel
+from oobleck.common.tls import ClientTls, aio_channel, is_loopback_host, split_host_port
 from oobleck.common.validate import ConfigError
 from oobleck.common.version import version
 from oobleck.protos.v1 import agent_pb2, agent_pb2_grpc, plan_pb2, worker_pb2
@@ -124,18 +130,105 @@ class PendingReconfigure:
     step: int | None = None  # the position the workers are ready at (after any restore)
 
 
-def _create_store() -> tuple[object, int]:
-    """A TCPStore server on an ephemeral port (torch is imported here, off the event loop)."""
+def _resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The distinct IP addresses ``host`` resolves to here, in resolver order."""
+    found: list = []
+    for *_, sockaddr in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
+        ip = ipaddress.ip_address(sockaddr[0])
+        if ip not in found:
+            found.append(ip)
+    return found
+
+
+def store_listen_host(
+    address: str, *, master_on_loopback: bool, resolve: Callable[[str], list] = _resolve
+) -> tuple[str | None, str]:
+    """Where the rendezvous store listens, and why: ``address`` (the host other nodes are told to
+    connect to) when it is an IP address, or the one address it resolves to; ``None`` (every
+    interface) when that cannot be decided here. Pure but for ``resolve``.
+
+    A name resolving to loopback while the master is elsewhere (``127.0.1.1`` in ``/etc/hosts``)
+    is not bound: other nodes resolve it to the node's real address.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        pass
+    else:
+        return str(ip), f"address {address} is an IP address"
+    try:
+        found = resolve(address)
+    except (OSError, UnicodeError) as exc:
+        return None, f"address {address!r} does not resolve here ({exc})"
+    if len(found) != 1:
+        shown = ", ".join(str(ip) for ip in found[:4])
+        return None, f"address {address!r} resolves to {len(found)} addresses ({shown})"
+    ip = found[0]
+    if ip.is_loopback and not master_on_loopback:
+        return None, f"address {address!r} resolves here to {ip}, a loopback address other nodes cannot reach"
+    return str(ip), f"address {address!r} resolves to {ip}"
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (an IP address), not yet listening."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a fixed port survives a restart
+        sock.bind(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _create_store(address: str, port: int, *, master_on_loopback: bool) -> tuple[object, int, str]:
+    """The rendezvous TCPStore server: (store, its port, where it listens). torch is imported here,
+    off the event loop.
+
+    torch's store has no authentication, and its server listens on every interface unless it is
+    handed a socket already bound (``master_listen_fd``, libuv server): the agent binds one to
+    ``address`` (see :func:`store_listen_host`), so the store is not reachable on the node's
+    other addresses. When no single address can be chosen, or ``address`` is not one of this
+    host's (behind NAT), it listens everywhere as before, with a warning naming the reason.
+    What still reaches it is covered by the generation's secret (see ``Endpoint.secret``)."""
     from torch.distributed import TCPStore
 
-    store = TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S),
-    )
-    return store, int(store.port)
+    timeout = datetime.timedelta(seconds=STORE_TIMEOUT_S)
+    host, why = store_listen_host(address, master_on_loopback=master_on_loopback)
+    sock = None
+    if host is not None:
+        try:
+            sock = _bound_socket(host, port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise
+            host, why = None, f"address {address!r} is not an address of this host ({exc.strerror})"
+    if sock is None:
+        log.warning(
+            "rendezvous store: listening on all interfaces because %s; set address to this node's cluster IP "
+            "to listen only there",
+            why,
+        )
+        store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timeout)
+        return store, int(store.port), "all interfaces"
+    try:
+        store = TCPStore(
+            host,
+            sock.getsockname()[1],
+            is_master=True,
+            wait_for_workers=False,
+            timeout=timeout,
+            master_listen_fd=sock.fileno(),
+            use_libuv=True,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server owns the descriptor now and closes it with the store
+    return store, int(store.port), host
 
 
 def parse_gpu_memory_mib(text: str) -> int:
@@ -221,9 +314,19 @@ class Agent:
         try:
             await asyncio.to_thread(self._prepare_dirs)
             server = await worker_channel.start_server(self, str(self.socket_path))
-            self._store, self.store_port = await asyncio.to_thread(_create_store)
+            master_host, _ = split_host_port(self.config.master)
+            try:
+                self._store, self.store_port, where = await asyncio.to_thread(
+                    _create_store,
+                    self.config.address,
+                    self.config.store_port,
+                    master_on_loopback=is_loopback_host(master_host),
+                )
+            except (OSError, RuntimeError) as exc:  # torch's DistNetworkError is a RuntimeError
+                log.error("rendezvous store: cannot listen on port %d: %s", self.config.store_port, exc)
+                return 1
             self._gpu_memory_bytes = await asyncio.to_thread(_gpu_memory_bytes)
-            log.info("rendezvous store listening on port %d", self.store_port)
+            log.info("rendezvous store listening on %s, port %d", where, self.store_port)
             tls = None
             if self.config.tls:
                 tls = ClientTls(self.config.tls_ca_file, self.config.tls_cert_file, self.config.tls_key_file)

@@ -8,11 +8,16 @@ pass a stand-in with the same functions).
 from __future__ import annotations
 
 import importlib
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from oobleck.protos.v1 import plan_pb2
+
+#: Random bytes of a generation's rendezvous secret (``Endpoint.secret``, hex): workers derive
+#: the generation's store keys from it and tag the values with it (the store itself has none).
+RENDEZVOUS_SECRET_BYTES = 16
 
 
 def default_planner() -> Any:
@@ -138,16 +143,23 @@ def to_plan_proto(
     nodes: Mapping[int, NodeInfo],
     resume_step: int,
     restore_from_checkpoint: bool,
+    secret: str | None = None,
 ) -> plan_pb2.Plan:
-    """Planner dataclasses (PipelinePlan, LayerCopy, TemplateSet) -> ``oobleck.v1.Plan``."""
+    """Planner dataclasses (PipelinePlan, LayerCopy, TemplateSet) -> ``oobleck.v1.Plan``.
+
+    Every plan gets a fresh rendezvous ``secret`` (unless one is given): a plan is one
+    generation, and a generation's store keys must not be derivable from an earlier one's.
+    """
     first = nodes[pipelines[0].nodes[0]]
+    if secret is None:
+        secret = secrets.token_hex(RENDEZVOUS_SECRET_BYTES)
     return plan_pb2.Plan(
         generation=generation,
         templates=_templates_proto(templates),
         pipelines=[plan_pb2.Pipeline(node_ids=list(p.nodes), microbatches=p.microbatches) for p in pipelines],
         ranks=[plan_pb2.NodeRanks(node_id=n, ranks=list(r)) for n, r in sorted(ranks.items())],
         copies=[plan_pb2.LayerCopy(layer=c.layer, src_node=c.src, dst_node=c.dst, bytes=c.bytes) for c in copies],
-        rendezvous=plan_pb2.Endpoint(host=first.address, port=first.store_port),
+        rendezvous=plan_pb2.Endpoint(host=first.address, port=first.store_port, secret=secret),
         resume_step=resume_step,
         world_size=sum(len(r) for r in ranks.values()),
         restore_from_checkpoint=restore_from_checkpoint,

@@ -28,7 +28,8 @@ Public API
     - ``position``: :class:`DataPosition` ``(epoch, step, samples)``; ``close()`` (safe twice).
 
 ``DistInit(backend="gloo"|"nccl", store=... | host=..., port=... | file=..., timeout_s=300,
-nccl_options=None)``: how to join the generation's process group (the agent hosts a TCPStore).
+nccl_options=None, secret="")``: how to join the generation's process group (the agent hosts a
+TCPStore; ``secret``, the plan's rendezvous secret, hides and tags the generation's keys).
 
 ``PlanSpec(pipelines=(PipelineSpec(nodes, microbatches), ...), templates={n: Template},
 ranks={node_id: (rank, ...)}, gpus_per_node=1, generation=0)``; ``simple_plan(stage_layer_counts,

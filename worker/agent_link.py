@@ -35,7 +35,7 @@ import queue
 import signal
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -71,7 +71,7 @@ class WorkerCommand:
 
     kind: str  # START, RECONFIGURE or STOP
     generation: int
-    plan: plan_pb2.Plan | None = None
+    plan: plan_pb2.Plan | None = field(default=None, repr=False)  # holds the rendezvous secret
     job_spec_yaml: str = ""  # start only
     node_id: int = 0  # start only
     reason: str = ""  # stop only

@@ -31,13 +31,15 @@ import base64
 import datetime
 import functools
 import gc
+import hashlib
+import hmac
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,8 @@ class StepResult:
 @dataclass(frozen=True)
 class DistInit:
     """How to join the process group: a ready ``store``, a TCPStore ``host``/``port`` (client; the
-    agent hosts it), or a FileStore ``file``. ``backend``: gloo (CPU) or nccl (GPU)."""
+    agent hosts it), or a FileStore ``file``. ``backend``: gloo (CPU) or nccl (GPU). ``secret``:
+    the generation's rendezvous secret (see :class:`SecretKeyStore`; empty: plain keys)."""
 
     backend: str = "gloo"
     store: Any = None
@@ -146,10 +149,13 @@ class DistInit:
     file: str | None = None
     timeout_s: float = 300.0
     nccl_options: Mapping[str, Any] | None = None  # e.g. {"is_high_priority_stream": True}
+    secret: str = field(default="", repr=False)  # never in a repr, a log line or an error
 
     def __post_init__(self) -> None:
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: must be gloo or nccl, got {self.backend!r}")
+        if not isinstance(self.secret, str):
+            raise ValueError(f"secret: must be a string, got {type(self.secret).__name__}")
         if sum(x is not None for x in (self.store, self.host, self.file)) != 1:
             raise ValueError("DistInit: give exactly one of store, host/port, file")
         if self.host is not None and not self.port:
@@ -158,8 +164,110 @@ class DistInit:
             raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
 
 
+class RendezvousTampered(RuntimeError):
+    """A value in the rendezvous store does not carry the generation's tag: a client without the
+    secret wrote or altered it. The rendezvous fails instead of using it."""
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+class SecretKeyStore(dist.Store):
+    """A generation's view of the agent's TCPStore under the plan's rendezvous secret.
+
+    The store has no authentication and any client may list its keys, so a secret key prefix
+    would show itself. Instead every key is stored as ``oobleck/gen<G>/<HMAC-SHA256(secret,
+    key)>``: a listing shows digests from which no key of the generation can be derived, and keys
+    cannot be written before the ranks write them. Every value carries an HMAC-SHA256 tag over
+    its key and itself, checked when read: a value written or altered by a client without the
+    secret raises :class:`RendezvousTampered` (the rendezvous fails, nothing connects to an
+    address it planted). Values are not encrypted, and counters (``add``) cannot carry a tag:
+    a client that reaches the port can still read values and delay or fail a rendezvous.
+
+    torch calls this object from C++ (a pybind11 trampoline, which finds the Python methods only
+    while the Python object lives): its owner keeps it as long as the process group, and clones
+    are kept here. The trampoline looks up ``deleteKey`` and ``getNumKeys`` by their C++ names.
+    """
+
+    def __init__(self, store: Any, secret: str, generation: int) -> None:
+        super().__init__()
+        if not secret:
+            raise ValueError("secret: required")
+        self._store = store
+        self._secret = secret.encode()
+        self._generation = generation
+        self._prefix = f"oobleck/gen{generation}/"
+        self._clones: list[SecretKeyStore] = []
+
+    def __repr__(self) -> str:
+        return f"SecretKeyStore(generation={self._generation})"
+
+    def _key(self, key: str) -> str:
+        digest = hmac.new(self._secret, f"key:{self._prefix}{key}".encode(), hashlib.sha256).hexdigest()
+        return self._prefix + digest
+
+    def _tag(self, key: str, value: bytes) -> bytes:
+        name = key.encode()
+        message = b"value:" + len(name).to_bytes(4, "big") + name + value
+        return hmac.new(self._secret, message, hashlib.sha256).digest()
+
+    def _seal(self, key: str, value: bytes | str) -> bytes:
+        value = _as_bytes(value)
+        return value + self._tag(key, value)
+
+    def _open(self, key: str, sealed: bytes) -> bytes:
+        sealed = _as_bytes(sealed)
+        size = hashlib.sha256().digest_size
+        value, tag = sealed[:-size], sealed[-size:]
+        if len(sealed) < size or not hmac.compare_digest(tag, self._tag(key, value)):
+            raise RendezvousTampered(
+                f"rendezvous store: a value of generation {self._generation} fails its integrity check "
+                "(written by a client without the generation's secret)"
+            )
+        return value
+
+    def set(self, key: str, value: bytes | str) -> None:
+        self._store.set(self._key(key), self._seal(key, value))
+
+    def get(self, key: str) -> bytes:
+        return self._open(key, self._store.get(self._key(key)))
+
+    def compare_set(self, key: str, expected: bytes | str, desired: bytes | str) -> bytes:
+        # An empty ``expected`` means "only if absent" and stays empty; every stored value is sealed.
+        expected = _as_bytes(expected)
+        sealed = self._seal(key, expected) if expected else b""
+        current = self._store.compare_set(self._key(key), sealed, self._seal(key, desired))
+        return self._open(key, current) if current else b""
+
+    def add(self, key: str, amount: int) -> int:
+        return self._store.add(self._key(key), amount)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._store.check([self._key(k) for k in keys])
+
+    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
+        hashed = [self._key(k) for k in keys]
+        if timeout is None:
+            self._store.wait(hashed)
+        else:
+            self._store.wait(hashed, timeout)
+
+    def deleteKey(self, key: str) -> bool:  # the C++ name the trampoline looks up
+        return self._store.delete_key(self._key(key))
+
+    def getNumKeys(self) -> int:  # the C++ name the trampoline looks up
+        return self._store.num_keys()
+
+    def clone(self) -> SecretKeyStore:
+        copy = SecretKeyStore(self._store.clone(), self._secret.decode(), self._generation)
+        self._clones.append(copy)
+        return copy
+
+
 def _make_store(init: DistInit, world_size: int, generation: int, interrupt: Callable[[], str | None] | None = None):
-    """The generation's store; keys are prefixed by the generation so one store can serve several.
+    """The generation's store: under the plan's secret (:class:`SecretKeyStore`), or without one
+    (a test, a FileStore) keys prefixed by the generation so one store can serve several.
 
     With ``interrupt``, connecting to a TCPStore is retried in short attempts, asking
     ``interrupt()`` in between: the agent hosting it may have died with its node, and the master
@@ -176,6 +284,8 @@ def _make_store(init: DistInit, world_size: int, generation: int, interrupt: Cal
         else:
             store = _connect_store(init, world_size, interrupt)
             store.set_timeout(timeout)
+    if init.secret:
+        return SecretKeyStore(store, init.secret, generation)
     return dist.PrefixStore(f"oobleck/gen{generation}/", store)
 
 
@@ -227,6 +337,7 @@ class TrainingEngine:
         self.autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
         self.param_dtype = param_dtype(spec.precision)
         self._owns_group = False
+        self._store: Any = None  # the process group's store object, kept alive as long as the group
         self._ckpt_thread: threading.Thread | None = None
         self._ckpt_error: BaseException | None = None
         self._ckpt_orphans: set[threading.Thread] = set()  # background checkpoints reconfigure() left
@@ -269,7 +380,7 @@ class TrainingEngine:
         )
         self.optimizer = optim.make_optimizer(spec.optimizer, self._params().values())
         if not dist.is_initialized():
-            store = _make_store(init, plan.world_size, plan.generation, self.interrupt)
+            store = self._store = _make_store(init, plan.world_size, plan.generation, self.interrupt)
             if self.interrupt is not None:
                 self._arrive(store, plan.world_size, init.timeout_s)
             kwargs: dict[str, Any] = {}
@@ -483,6 +594,7 @@ class TrainingEngine:
         refers to it any more. The caller must not hold a traceback of a failed collective."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        self._store = None  # torch calls it no more (a SecretKeyStore: see its docstring)
         self.sync = None
         gc.collect()
 

@@ -42,10 +42,22 @@ def plan_from_proto(msg: Any) -> PlanSpec:
     return plan
 
 
+#: Shortest rendezvous secret accepted (the master sends 32 hex characters: 128 bits).
+MIN_SECRET_CHARS = 32
+
+
 def dist_init_from_proto(msg: Any, backend: str = "gloo", timeout_s: float = 300.0):
-    """The :class:`DistInit` for the plan's rendezvous endpoint (a TCPStore hosted by an agent)."""
+    """The :class:`DistInit` for the plan's rendezvous endpoint (a TCPStore hosted by an agent)
+    and its secret (never quoted in an error)."""
     from oobleck.worker.engine import DistInit
 
-    if not msg.rendezvous.host or not msg.rendezvous.port:
+    endpoint = msg.rendezvous
+    if not endpoint.host or not endpoint.port:
         raise PlanError("rendezvous: host and port required")
-    return DistInit(backend=backend, host=msg.rendezvous.host, port=msg.rendezvous.port, timeout_s=timeout_s)
+    if endpoint.secret and len(endpoint.secret) < MIN_SECRET_CHARS:
+        raise PlanError(
+            f"rendezvous.secret: must be at least {MIN_SECRET_CHARS} characters, got {len(endpoint.secret)}"
+        )
+    return DistInit(
+        backend=backend, host=endpoint.host, port=endpoint.port, timeout_s=timeout_s, secret=endpoint.secret
+    )

@@ -6,8 +6,10 @@ process (logging, the link, closing). Behaviour:
 
 - ``start``: parse the job spec, convert the plan, take the rank of (node, slot) -- slot ``i``
   of a node holds the ``i``-th rank listed for that node -- join the generation's rendezvous
-  (the agent's TCPStore, keys prefixed by generation), build the engine and, when the plan says
-  ``restore_from_checkpoint``, load the job's latest checkpoint. Then ``report_ready``.
+  (the agent's TCPStore; the generation's keys are derived from the plan's rendezvous secret and
+  its values tagged with it: :class:`~oobleck.worker.engine.SecretKeyStore`), build the engine
+  and, when the plan says ``restore_from_checkpoint``, load the job's latest checkpoint. Then
+  ``report_ready``.
 - Training runs from the engine's committed step up to ``spec.steps``. After each step every
   worker reports it (the agent forwards the lowest slot's), logs one line, and checkpoints every
   ``checkpoint.interval_steps`` (in the background: only the copy to host memory stalls).

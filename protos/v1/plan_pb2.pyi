@@ -57,12 +57,14 @@ class LayerCopy(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., src_node: _Optional[int] = ..., dst_node: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("host", "port")
+    __slots__ = ("host", "port", "secret")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("generation", "templates", "pipelines", "ranks", "copies", "rendezvous", "resume_step", "world_size", "restore_from_checkpoint", "job_id")

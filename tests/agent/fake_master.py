@@ -205,7 +205,7 @@ def make_plan(generation: int, node_ids: list[int], slots: int, store_port: int)
         generation=generation,
         pipelines=[plan_pb2.Pipeline(node_ids=node_ids, microbatches=4)],
         ranks=ranks,
-        rendezvous=plan_pb2.Endpoint(host="127.0.0.1", port=store_port),
+        rendezvous=plan_pb2.Endpoint(host="127.0.0.1", port=store_port, secret="0f" * 16),
         world_size=len(node_ids) * slots,
     )
 

@@ -443,3 +443,20 @@ def test_sighup_rereads_the_token_file(master, start_agent, token_file):
     master.break_session()
     assert agent.wait() == 1  # the new token is refused by this master: fatal, as a wrong token is
     assert "master refused registration: UNAUTHENTICATED" in agent.log()
+
+
+def test_the_rendezvous_store_listens_on_the_node_address_only(master, start_agent):
+    """A loopback master makes the node's address 127.0.0.1: the store is bound there (another
+    address of this host refuses), on the port asked for (to open in a firewall)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = start_agent("--store-port", str(port))
+    info = registered(master, agent)
+    assert info["store_port"] == port and master.events("register")[0].msg.store_port == port
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+    assert f"rendezvous store listening on 127.0.0.1, port {port}" in agent.log()

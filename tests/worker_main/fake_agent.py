@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import secrets
 import signal
 import subprocess
 import sys
@@ -149,7 +150,8 @@ def plan_message(
     restore_from_checkpoint: bool = False,
 ) -> plan_pb2.Plan:
     """``pipelines``: (node ids, microbatches); ``templates``: nodes -> stages (layer_start,
-    layer_end, node_index, gpus); ``ranks``: node id -> ranks in slot order."""
+    layer_end, node_index, gpus); ``ranks``: node id -> ranks in slot order. Like the master's,
+    every plan has a fresh rendezvous secret (workers key the store with it)."""
     return plan_pb2.Plan(
         generation=generation,
         templates=[
@@ -161,7 +163,7 @@ def plan_message(
         ],
         pipelines=[plan_pb2.Pipeline(node_ids=list(nodes), microbatches=m) for nodes, m in pipelines],
         ranks=[plan_pb2.NodeRanks(node_id=n, ranks=list(r)) for n, r in sorted(ranks.items())],
-        rendezvous=plan_pb2.Endpoint(host="127.0.0.1", port=store_port),
+        rendezvous=plan_pb2.Endpoint(host="127.0.0.1", port=store_port, secret=secrets.token_hex(16)),
         resume_step=resume_step,
         world_size=sum(len(r) for r in ranks.values()),
         restore_from_checkpoint=restore_from_checkpoint,
