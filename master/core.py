@@ -101,6 +101,7 @@ class RegisterInfo:
     nonce: str
     store_port: int
     node_id: int
+    identity: str = ""  # under mTLS: the client certificate's identity ("" without mTLS)
 
 
 @dataclass
@@ -393,6 +394,7 @@ class Master:
             view.loss, view.samples_per_s = self.loss, self.samples_per_s
             if job.plan:
                 view.plan = plan_pb2.Plan.FromString(job.plan)
+                view.plan.rendezvous.ClearField("secret")  # for the plan's nodes only, never shown
         return view
 
     def list_nodes(self, after_node_id: int = 0, limit: int = 1_000_000) -> tuple[list[NodeView], int]:
@@ -613,6 +615,12 @@ class Master:
     async def on_register(self, info: RegisterInfo) -> RegisterResult:
         now = self.clock()
         known = self.nodes.get(info.node_id) if info.node_id else None
+        if known is not None and known.row.identity and known.row.identity != info.identity:
+            raise MasterError(
+                "PERMISSION_DENIED",
+                f"node_id: node {known.row.node_id} is bound to another client certificate; register without "
+                "node_id to join as a new node",
+            )
         if known is not None and known.row.state != "dead" and known.row.nonce == info.nonce:
             row = known.row
             row.address, row.store_port = info.address, info.store_port
@@ -645,6 +653,7 @@ class Master:
                 info.store_port,
                 "spare",
                 "",
+                info.identity,
             )
             self._require_store()  # a new node needs a durable id
             try:
@@ -668,7 +677,7 @@ class Master:
             self.generation,
         )
 
-    def session_node(self, node_id: int, nonce: str) -> NodeRuntime:
+    def session_node(self, node_id: int, nonce: str, identity: str = "") -> NodeRuntime:
         if self.stopping:
             raise MasterError("UNAVAILABLE", "master shutting down; re-attach after it restarts")
         node = self.nodes.get(node_id)
@@ -678,6 +687,9 @@ class Master:
             raise MasterError("FAILED_PRECONDITION", f"hello.node_id: node {node_id} was declared dead; register again")
         if node.row.nonce != nonce:
             raise MasterError("FAILED_PRECONDITION", f"hello.nonce: does not match node {node_id}'s registration")
+        if node.row.identity and node.row.identity != identity:
+            why = f"hello.node_id: node {node_id} is bound to another client certificate"
+            raise MasterError("PERMISSION_DENIED", why)
         return node
 
     def attach(self, node: NodeRuntime, last_command_id: int) -> SessionHandle:
@@ -889,8 +901,8 @@ class Master:
         if reason != self._last_reason:
             log.info("detector: %s", reason)
             self._last_reason = reason
-        for node_id, why in decision.dead:
-            await self._declare_dead(node_id, why)
+        if decision.dead:
+            await self._declare_dead_many(decision.dead)
         self._pending_since = decision.pending_since_s
         idle = self._reconfig_task is None or self._reconfig_task.done()
         if decision.reconfigure and idle and self.store_failure is None:
@@ -970,35 +982,49 @@ class Master:
                  _ids(gone))  # fmt: skip
 
     async def _declare_dead(self, node_id: int, why: str) -> None:
-        node = self.nodes.get(node_id)
-        if node is None or node.row.state == "dead":
+        await self._declare_dead_many([(node_id, why)])
+
+    async def _declare_dead_many(self, deaths: list[tuple[int, str]] | tuple[tuple[int, str], ...]) -> None:
+        """Declare nodes dead: in memory at once, then their rows, dropped commands and events in
+        one write (a thousand deaths in one tick cost one transaction, not a thousand)."""
+        now = self.clock()
+        rows, events, spares_lost = [], [], False
+        for node_id, why in deaths:
+            node = self.nodes.get(node_id)
+            if node is None or node.row.state == "dead":
+                continue
+            detect_s = max(0.0, now - node.last_seen_s)
+            was = node.row.state
+            node.row.state, node.row.reason = "dead", why
+            node.dead_since_s = now
+            self.live.pop(node_id, None)
+            if node.session is not None:
+                node.session.close("FAILED_PRECONDITION", f"node {node_id} declared dead: {why}")
+                node.session = None
+            for cmd_id in [c for c, pc in self.pending.items() if pc.row.node_id == node_id]:
+                pc = self.pending.pop(cmd_id)
+                if not pc.future.done():
+                    pc.future.set_result(Ack(False, "node dead"))
+            in_plan = was in ("alive", "draining") and any(node_id in p for p in self.pipelines)
+            if in_plan and self.job is not None and self.job.state in ACTIVE_JOB_STATES:
+                self._lost[node_id] = detect_s
+                if self._pending_since is None:
+                    self._pending_since = now
+            spares_lost = spares_lost or not in_plan
+            rows.append(node.row)
+            if node.leaving and not in_plan:  # announced (pre-emption notice), drained first: not a failure
+                events.append(self._new_event("node_left", f"{node.row.name} left ({why})", node_id=node_id))
+            else:
+                events.append(self._new_event("node_dead", why, node_id=node_id, durations={"detect": detect_s}))
+        if not rows:
             return
-        detect_s = max(0.0, self.clock() - node.last_seen_s)
-        was = node.row.state
-        node.row.state, node.row.reason = "dead", why
-        node.dead_since_s = self.clock()
-        self.live.pop(node_id, None)
-        if node.session is not None:
-            node.session.close("FAILED_PRECONDITION", f"node {node_id} declared dead: {why}")
-            node.session = None
-        for cmd_id in [c for c, pc in self.pending.items() if pc.row.node_id == node_id]:
-            pc = self.pending.pop(cmd_id)
-            if not pc.future.done():
-                pc.future.set_result(Ack(False, "node dead"))
-        in_plan = was in ("alive", "draining") and any(node_id in p for p in self.pipelines)
-        if in_plan and self.job is not None and self.job.state in ACTIVE_JOB_STATES:
-            self._lost[node_id] = detect_s
-            if self._pending_since is None:
-                self._pending_since = self.clock()
         self._death.set()
         self._update_node_metrics()
-        await self._save_fact("save_node", node.row)
-        await self._save_fact("drop_commands_of", node_id)
-        if node.leaving and not in_plan:  # announced (pre-emption notice), drained first: not a failure
-            await self._record("node_left", f"{node.row.name} left ({why})", node_id=node_id)
-        else:
-            await self._record("node_dead", why, node_id=node_id, durations={"detect": detect_s})
-        if not in_plan:  # an idle spare gone (a plan node's death is judged after the next generation)
+        if not await self._save_fact("declare_dead", rows, events):
+            self._unsaved_events.extend(events)  # written by the next resync (with the nodes)
+        for ev in events:
+            self._publish(ev)
+        if spares_lost:  # an idle spare gone (a plan node's death is judged after the next generation)
             await self._check_degraded()
 
     # -- job start ------------------------------------------------------------------------------------------
@@ -1344,11 +1370,13 @@ class Master:
         return out
 
     async def _fail_nodes(self, nodes: list[int], why: str) -> None:
+        deaths = []
         for node_id in nodes:
             node = self.nodes.get(node_id)
             if node is not None and node.row.state != "dead":
                 node.failed_reason = why
-                await self._declare_dead(node_id, why)
+                deaths.append((node_id, why))
+        await self._declare_dead_many(deaths)
 
     async def _settle(
         self, generation: int, waits: list[PendingCommand], timeout_s: float, durations: dict[str, float]

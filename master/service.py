@@ -106,6 +106,20 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
+def peer_identity(context) -> str:
+    """The verified client certificate's identity under mTLS (its subject alternative names, or
+    its common name); "" without a client certificate. A node is bound to it at registration."""
+    try:
+        auth = context.auth_context() or {}
+    except Exception:
+        return ""
+    sans = sorted(v.decode("utf-8", "backslashreplace") for v in auth.get("x509_subject_alternative_name", []))
+    if sans:
+        return "SAN:" + ",".join(sans)
+    cns = [v.decode("utf-8", "backslashreplace") for v in auth.get("x509_common_name", [])]
+    return "CN:" + cns[0] if cns else ""
+
+
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, master: Master) -> None:
         self.master = master
@@ -137,6 +151,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 nonce=_text(request.nonce, "nonce", max_chars=128),
                 store_port=_int(request.store_port, "store_port", 0, 65535),
                 node_id=_int(request.node_id, "node_id", 0, 1 << 62),
+                identity=peer_identity(context),
             )
             if any(ch.isspace() for ch in info.address):
                 raise _Invalid("address", "must not contain whitespace")
@@ -168,7 +183,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             _text(hello.nonce, "hello.nonce", max_chars=128)
             _int(hello.last_generation, "hello.last_generation", 0, 1 << 62)
             _int(hello.last_command_id, "hello.last_command_id", 0, 1 << 62)
-            node = master.session_node(hello.node_id, hello.nonce)
+            node = master.session_node(hello.node_id, hello.nonce, peer_identity(context))
         except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
             await _abort(context, exc)
         handle = master.attach(node, hello.last_command_id)

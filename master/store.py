@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: nodes.identity (the client certificate a node is bound to under mTLS)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     nonce TEXT NOT NULL,
     store_port INTEGER NOT NULL,
     state TEXT NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    identity TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS commands (
     command_id INTEGER PRIMARY KEY,
@@ -83,6 +84,7 @@ class NodeRow:
     store_port: int
     state: str  # alive | spare | draining | dead
     reason: str = ""
+    identity: str = ""  # under mTLS: the client certificate's identity; only it may claim this node
 
 
 @dataclass
@@ -174,6 +176,11 @@ class Store:
             c.execute("INSERT OR IGNORE INTO meta VALUES ('next_node_id', '1')")
             c.execute("INSERT OR IGNORE INTO meta VALUES ('next_command_id', '1')")
         version = int(self._meta("schema_version"))
+        if version == 1:  # written by an older master: nodes had no identity (none is bound)
+            with self._tx() as c:
+                c.execute("ALTER TABLE nodes ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
+                c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"schema version {version}, this master reads version {SCHEMA_VERSION}")
 
@@ -271,7 +278,7 @@ class Store:
 
     def _save_node(self, c: sqlite3.Connection, node: NodeRow) -> None:
         c.execute(
-            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 node.node_id,
                 node.name,
@@ -283,6 +290,7 @@ class Store:
                 node.store_port,
                 node.state,
                 node.reason,
+                node.identity,
             ),
         )
 
@@ -371,6 +379,18 @@ class Store:
                 "UPDATE commands SET acked = 1, ok = 0, error = 'node dead' WHERE node_id = ? AND acked = 0",
                 (node_id,),
             )
+
+    def declare_dead(self, nodes: list[NodeRow], events: list[EventRow]) -> None:
+        """Dead nodes, their undeliverable commands dropped, their events: one transaction."""
+        with self._tx() as c:
+            for node in nodes:
+                self._save_node(c, node)
+                c.execute(
+                    "UPDATE commands SET acked = 1, ok = 0, error = 'node dead' WHERE node_id = ? AND acked = 0",
+                    (node.node_id,),
+                )
+            for ev in events:
+                self._insert_event(c, ev)
 
     def delete_nodes(self, node_ids: list[int]) -> None:
         """Purge dead nodes and their (acked) commands, in one transaction; events keep history."""

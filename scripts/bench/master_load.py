@@ -9,7 +9,11 @@ streams stay open, so only the heartbeat timeout can catch them). Reports:
 - heartbeat_p99_ms: p99 time for a heartbeat write to be accepted by the transport (client side);
 - detect_p99_s: p99 of (node_dead event time - that agent's last heartbeat), target <= timeout + 0.5;
 - false_dead: nodes declared dead that were never silenced (must be 0);
-- master_rss_mb: the master's resident memory at the end.
+- master_rss_mb: the master's resident memory at the end of the heartbeat phase;
+- heartbeat_timeout_s: the timeout the master ran with;
+- idle_cpu_pct: after the heartbeat phase, every agent stops and more nodes register without ever
+  attaching until ``--churn-nodes`` (20,000) nodes have died; once the master has purged them all
+  (``--dead-node-retention-s``), its CPU over 10 s with no live session (target < 5 %).
 The last line printed is one JSON object with these figures.
 """
 
@@ -125,6 +129,41 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
         await c.close()
 
 
+async def churn_main(target: str, token: str, count: int, first: int, channels: int) -> None:
+    """Register ``count`` nodes that never open a session (they die at the heartbeat timeout)."""
+    from oobleck.common.tls import aio_channel
+    from oobleck.protos.v1 import agent_pb2, agent_pb2_grpc
+
+    chans = [aio_channel(target, token=token) for _ in range(channels)]
+    stubs = [agent_pb2_grpc.AgentServiceStub(c) for c in chans]
+
+    async def one(i: int) -> None:
+        await stubs[i % channels].Register(
+            agent_pb2.RegisterRequest(
+                node_name=f"churn{first + i}", address="127.0.0.1", slots=1, software_version="bench",
+                nonce=secrets.token_hex(8), store_port=1,
+            ),
+            timeout=120,
+        )  # fmt: skip
+
+    for start in range(0, count, 200):
+        await asyncio.gather(*(one(i) for i in range(start, min(count, start + 200))))
+    print(json.dumps({"event": "churned", "nodes": count}), flush=True)
+    for c in chans:
+        await c.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+async def node_total(stub) -> int:
+    from oobleck.protos.v1 import admin_pb2
+
+    return (await stub.ListNodes(admin_pb2.ListNodesRequest(page_size=1), timeout=30)).total
+
+
 # -- driver -------------------------------------------------------------------------------------------
 class Client:
     def __init__(self, argv: list[str]) -> None:
@@ -192,7 +231,9 @@ async def driver(args) -> dict:
         "--admin-token-file", str(tmp / "admin.token"), "--ready-file", str(ready),
         "--heartbeat-interval-s", str(args.heartbeat_interval_s),
         "--heartbeat-timeout-s", str(args.heartbeat_timeout_s),
-        "--max-nodes", str(args.agents + 100), "--log-level", "WARNING",
+        "--max-nodes", str(max(args.agents, args.churn_nodes) + 100), "--log-level", "WARNING",
+        "--register-burst", str(args.churn_nodes + args.agents), "--register-rate-per-s", "1000000",
+        "--dead-node-retention-s", str(args.dead_node_retention_s),
     ]  # fmt: skip
     master = subprocess.Popen(master_argv, start_new_session=True)
     clients: list[Client] = []
@@ -204,11 +245,12 @@ async def driver(args) -> dict:
             await asyncio.sleep(0.05)
         info = json.loads(ready.read_text())
         target = f"127.0.0.1:{info['grpc_port']}"
+        agent_token = (tmp / "agent.token").read_text().strip()
         per = [args.agents // args.procs + (1 if i < args.agents % args.procs else 0) for i in range(args.procs)]
         first = 0
         for count in per:
             clients.append(
-                Client([sys.executable, __file__, "--client", target, (tmp / "agent.token").read_text(), str(count),
+                Client([sys.executable, __file__, "--client", target, agent_token, str(count),
                         str(first), str(args.heartbeat_interval_s), str(args.channels)])
             )  # fmt: skip
             first += count
@@ -218,7 +260,7 @@ async def driver(args) -> dict:
             await c.expect("ready", 300)
         print(f"{args.agents} agents registered in {time.monotonic() - t_reg:.1f}s", flush=True)
 
-        admin = aio_channel(target, token=(tmp / "admin.token").read_text())
+        admin = aio_channel(target, token=(tmp / "admin.token").read_text().strip())
         stub = admin_pb2_grpc.AdminServiceStub(admin)
         deaths: list = []
 
@@ -258,9 +300,12 @@ async def driver(args) -> dict:
         for c in clients:
             stats.append(await c.expect("stats", 60))
         watcher.cancel()
-        await admin.close()
         for p in pumps:
             p.cancel()
+        for c in clients:
+            c.stop()
+        idle_cpu_pct, purge_s = await churn_and_idle(args, target, tmp, stub, master.pid)
+        await admin.close()
         detect = [d.unix_time_s - last[d.node_id] for d in deaths if d.node_id in silenced and d.node_id in last]
         lat = [x for s in stats for x in s["latencies_sample"]]
         result = {
@@ -269,12 +314,15 @@ async def driver(args) -> dict:
             "detect_p99_s": round(percentile(detect, 0.99), 3),
             "false_dead": len([d for d in deaths if d.node_id not in silenced]),
             "master_rss_mb": round(rss, 1),
+            "heartbeat_timeout_s": args.heartbeat_timeout_s,
+            "idle_cpu_pct": round(idle_cpu_pct, 2),
         }
         print(
             f"detected {len(detect)}/{len(silenced)} silent agents; "
             f"detect max {max(detect, default=float('nan')):.3f}s; "
             f"heartbeats measured {sum(s['count'] for s in stats)}; GetStatus p99 under load "
-            f"{percentile(rtts, 0.99):.1f} ms",
+            f"{percentile(rtts, 0.99):.1f} ms; {args.churn_nodes} dead nodes purged {purge_s:.1f}s after the "
+            f"last died (retention {args.dead_node_retention_s:g}s)",
             flush=True,
         )
         return result
@@ -289,7 +337,38 @@ async def driver(args) -> dict:
                 master.kill()
 
 
+async def churn_and_idle(args, target: str, tmp: Path, stub, master_pid: int) -> tuple[float, float]:
+    """Every agent has stopped; register nodes that never attach until ``churn_nodes`` have died,
+    wait for the master to purge them all, then measure its CPU over ``idle_s``."""
+    extra = max(0, args.churn_nodes - args.agents)
+    if extra:
+        token = (tmp / "agent.token").read_text().strip()
+        churn = Client([sys.executable, __file__, "--churn", target, token, str(extra),
+                        str(args.agents), str(args.channels)])  # fmt: skip
+        pump = asyncio.create_task(churn.pump())
+        try:
+            await churn.expect("churned", 600)
+        finally:
+            churn.stop()
+            pump.cancel()
+    t_dead = time.monotonic()
+    deadline = t_dead + args.heartbeat_timeout_s + args.dead_node_retention_s + 300
+    while await node_total(stub) > 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"dead nodes not purged: {await node_total(stub)} left")
+        await asyncio.sleep(0.5)
+    purge_s = time.monotonic() - t_dead
+    await asyncio.sleep(1.0)  # let the purge's own work finish before measuring
+    c0, t0 = cpu_seconds(master_pid), time.monotonic()
+    await asyncio.sleep(args.idle_s)
+    return 100.0 * (cpu_seconds(master_pid) - c0) / (time.monotonic() - t0), purge_s
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--churn":
+        target, token, count, first, channels = sys.argv[2:7]
+        asyncio.run(churn_main(target, token, int(count), int(first), int(channels)))
+        return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         target, token, count, first, interval, channels = sys.argv[2:8]
         asyncio.run(client_main(target, token, int(count), int(first), float(interval), int(channels)))
@@ -304,6 +383,9 @@ def main() -> int:
     p.add_argument("--warmup-s", type=float, default=5.0)
     p.add_argument("--measure-s", type=float, default=10.0)
     p.add_argument("--after-s", type=float, default=5.0)
+    p.add_argument("--churn-nodes", type=int, default=20_000, help="nodes that have died before idle_cpu_pct")
+    p.add_argument("--dead-node-retention-s", type=float, default=5.0)
+    p.add_argument("--idle-s", type=float, default=10.0)
     args = p.parse_args()
     result = asyncio.run(driver(args))
     print(json.dumps(result))

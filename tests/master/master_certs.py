@@ -19,6 +19,8 @@ class TestCerts:
     client_cert_file: str
     client_key_file: str
     other_ca_file: str  # a CA that signed nothing here (for "wrong CA" tests)
+    client2_cert_file: str = ""  # another client of the same CA (another node's certificate)
+    client2_key_file: str = ""
 
 
 def have_openssl() -> bool:
@@ -69,6 +71,8 @@ def make_certs(directory: str | Path) -> TestCerts:
     )
     _key_and_csr(d, "client", "oobleck-test-client")
     _sign(d, "client", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
+    _key_and_csr(d, "client2", "oobleck-test-client-2")
+    _sign(d, "client2", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
     return TestCerts(
         ca_file=str(d / "ca.pem"),
         server_cert_file=str(d / "server.pem"),
@@ -76,6 +80,8 @@ def make_certs(directory: str | Path) -> TestCerts:
         client_cert_file=str(d / "client.pem"),
         client_key_file=str(d / "client.key"),
         other_ca_file=str(d / "other-ca.pem"),
+        client2_cert_file=str(d / "client2.pem"),
+        client2_key_file=str(d / "client2.key"),
     )
 
 

@@ -85,6 +85,51 @@ def test_tls_and_mtls(tmp_path, certs):
     run(body())
 
 
+def test_under_mtls_a_node_id_is_bound_to_its_client_certificate(tmp_path, certs):
+    """Issue 12 item 2: another certificate can neither re-claim a node's id (even once its
+    session is gone) nor open its session; the same certificate can (a restarted agent)."""
+
+    async def body():
+        mtls = {
+            "tls_cert_file": certs.server_cert_file,
+            "tls_key_file": certs.server_key_file,
+            "tls_client_ca_file": certs.ca_file,
+        }
+        mine = ClientTls(certs.ca_file, certs.client_cert_file, certs.client_key_file)
+        other = ClientTls(certs.ca_file, certs.client2_cert_file, certs.client2_key_file)
+        async with running_master(tmp_path, **mtls) as srv:
+            agent = await FakeAgent(srv.target, "n0", tls=mine).start()
+            node_id = agent.node_id
+            assert srv.master.nodes[node_id].row.identity == "CN:oobleck-test-client"
+            intruder = FakeAgent(srv.target, "evil", tls=other, node_id=node_id, nonce=agent.nonce)
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # the live node's id, even with its nonce
+                await intruder.register()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "bound to another client certificate" in err.value.details()
+            intruder.node_id = node_id
+            await intruder.attach()  # a session for the node under the other certificate
+            await wait_until(lambda: intruder.session_error is not None, what="session refused")
+            assert intruder.session_error == grpc.StatusCode.PERMISSION_DENIED
+            await agent.drop_session()  # the session is gone: still not claimable by another certificate
+            await wait_until(lambda: srv.master.nodes[node_id].row.state == "dead", what="old session dead")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await intruder.register()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert srv.master.nodes[node_id].row.name == "n0"
+            await intruder.close()
+            restarted = FakeAgent(srv.target, "n0", tls=mine, node_id=node_id)
+            await restarted.start()  # the same certificate re-registers (a new id: the old one died)
+            assert srv.master.nodes[restarted.node_id].row.identity == "CN:oobleck-test-client"
+            other_node = await FakeAgent(srv.target, "n1", tls=other).start()  # its own node is fine
+            assert srv.master.nodes[other_node.node_id].row.identity == "CN:oobleck-test-client-2"
+            for a in (agent, restarted, other_node):
+                await a.close()
+        async with running_master(tmp_path, **mtls) as srv:  # the binding is durable
+            assert srv.master.nodes[node_id].row.identity == "CN:oobleck-test-client"
+
+    run(body())
+
+
 def _reflect_and_call(target: str) -> tuple[list[str], object]:
     from google.protobuf import message_factory
     from google.protobuf.descriptor_pool import DescriptorPool

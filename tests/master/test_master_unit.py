@@ -155,6 +155,29 @@ def test_store_round_trip_and_exactly_once_acks(tmp_path):
     store.close()
 
 
+def test_a_version_1_state_file_gains_node_identities_and_dead_nodes_are_deleted(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    store = Store(path)
+    store.register_node(NodeRow(0, "n1", "127.0.0.1", 1, 0, "v", "nonce", 1, "spare"))
+    store.close()
+    conn = sqlite3.connect(path)  # what an older master wrote: no identity column, version 1
+    conn.executescript(
+        "ALTER TABLE nodes DROP COLUMN identity; UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+    )
+    conn.close()
+    store = Store(path)
+    (node,) = store.load().nodes
+    assert node.identity == "" and node.name == "n1"
+    node.identity, node.state = "CN:x", "dead"
+    store.declare_dead([node], [EventRow(0, 1.0, "node_dead", node.node_id, 0, 0, "gone")])
+    assert store.load().nodes[0].identity == "CN:x"
+    store.delete_nodes([node.node_id])
+    assert store.load().nodes == [] and [e.kind for e in store.events_since(0)] == ["node_dead"]
+    store.close()
+
+
 def test_plan_proto_conversion_uses_first_node_as_rendezvous():
     from oobleck.planner import types as pt
 
