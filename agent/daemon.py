@@ -552,8 +552,14 @@ class Agent:
             message = await call.read()
             if message is grpc.aio.EOF:
                 raise SessionBroken("the master closed the session")
-            if message.WhichOneof("body") == "command":
+            body = message.WhichOneof("body")
+            if body == "command":
                 self._commands.put_nowait(message.command)
+            elif body == "terms":
+                interval = message.terms.interval_s
+                if math.isfinite(interval) and 0 < interval <= 60:
+                    log.info("node %d: heartbeat every %.2fs from now on", self.node_id, interval)
+                    self._heartbeat_interval_s = interval
             else:
                 log.warning("ignored a master message with an unknown body")
 

@@ -46,6 +46,10 @@ class MasterConfig:
     http_listen: str = "127.0.0.1:0"  # empty: no HTTP server
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 2.0
+    # Heartbeats per second the master budgets for: beyond heartbeat_budget_per_s *
+    # heartbeat_interval_s nodes, new registrations get a longer interval and timeout (the
+    # timeout at most 5 s); see membership.heartbeat_terms.
+    heartbeat_budget_per_s: float = 5000.0
     session_grace_s: float = 1.0
     coalesce_window_s: float = 0.2
     restart_grace_s: float = 10.0  # after a master restart: time for agents to re-attach
@@ -98,6 +102,7 @@ class MasterConfig:
                 f"must be greater than heartbeat_interval_s ({self.heartbeat_interval_s:g}), "
                 f"got {self.heartbeat_timeout_s:g}",
             )
+        v.number(self.heartbeat_budget_per_s, "heartbeat_budget_per_s", min_value=1.0, max_value=1e7)
         v.number(self.session_grace_s, "session_grace_s", min_value=0.0, max_value=3600)
         v.number(self.coalesce_window_s, "coalesce_window_s", min_value=0.0, max_value=60)
         v.number(self.restart_grace_s, "restart_grace_s", min_value=0.0, max_value=3600)

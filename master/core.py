@@ -144,6 +144,8 @@ class NodeRuntime:
     joined_s: float = 0.0  # when it registered (or the master loaded it): for the scale-up delay
     leaving: bool = False  # its agent announced it is going away (pre-emption notice)
     dead_since_s: float | None = None  # when it was declared dead (or loaded dead): purged after retention
+    timeout_s: float | None = None  # the heartbeat timeout it was given (None: the config's)
+    interval_s: float | None = None  # ... and the interval
 
 
 @dataclass
@@ -225,6 +227,8 @@ class Master:
         self.nodes: dict[int, NodeRuntime] = {}  # every node not purged, in node id order
         self.live: dict[int, NodeRuntime] = {}  # the nodes not dead: what detection and planning look at
         self._next_purge_s = 0.0
+        self._terms = (config.heartbeat_interval_s, config.heartbeat_timeout_s)  # only grows while running
+        self._terms_sent = self._terms  # the terms last sent to every live node
         self.job: JobRow | None = None
         self.pipelines: tuple[tuple[int, ...], ...] = ()
         self.ctx: planning.PlanContext | None = None
@@ -668,14 +672,38 @@ class Master:
             await self._record("node_registered", f"{row.name} ({row.slots} slots) registered", node_id=row.node_id)
             if self.job is not None and self.job.state == "PAUSED":
                 self._spawn(self._try_resume())
+        interval_s, timeout_s = self._heartbeat_terms()
+        self.nodes[row.node_id].interval_s, self.nodes[row.node_id].timeout_s = interval_s, timeout_s
         return RegisterResult(
             row.node_id,
-            self.config.heartbeat_timeout_s,
-            self.config.heartbeat_interval_s,
-            self.config.heartbeat_timeout_s,
+            timeout_s,
+            interval_s,
+            timeout_s,
             self.job.spec_yaml if self.job and self.job.state not in TERMINAL_JOB_STATES else "",
             self.generation,
         )
+
+    def _heartbeat_terms(self) -> tuple[float, float]:
+        """The heartbeat interval and timeout for a node registering now: longer in a large
+        cluster (see :func:`~oobleck.master.membership.heartbeat_terms`), never shorter than
+        before while the master runs. When they grew by a quarter since last sent, every live
+        node gets them (its new timeout applies before the message leaves), so that the nodes
+        that joined a small cluster do not keep heartbeating at its rate."""
+        c = self.config
+        terms = membership.heartbeat_terms(
+            len(self.live), c.heartbeat_interval_s, c.heartbeat_timeout_s, c.heartbeat_budget_per_s
+        )
+        self._terms = max(self._terms, terms)
+        if self._terms[0] >= 1.25 * self._terms_sent[0]:
+            self._terms_sent = self._terms
+            interval_s, timeout_s = self._terms
+            msg = agent_pb2.MasterMessage(terms=agent_pb2.HeartbeatTerms(interval_s=interval_s, timeout_s=timeout_s))
+            for node in self.live.values():
+                node.interval_s, node.timeout_s = interval_s, timeout_s
+                if node.session is not None:
+                    node.session.send(msg)
+            log.info("%d live nodes: heartbeat every %.2fs, timeout %.2fs", len(self.live), interval_s, timeout_s)
+        return self._terms
 
     def session_node(self, node_id: int, nonce: str, identity: str = "") -> NodeRuntime:
         if self.stopping:
@@ -700,6 +728,9 @@ class Master:
         node.detached_since_s = None
         node.reattach_by_s = None
         node.last_seen_s = self.clock()
+        if node.interval_s is not None and node.interval_s > self.config.heartbeat_interval_s:
+            terms = agent_pb2.HeartbeatTerms(interval_s=node.interval_s, timeout_s=node.timeout_s or 0.0)
+            handle.send(agent_pb2.MasterMessage(terms=terms))  # what it was told, in case it missed it
         for cmd_id in sorted(p for p, pc in self.pending.items() if pc.row.node_id == node.row.node_id):
             # Unacked commands are sent again, also those the agent has seen (cmd_id <=
             # last_command_id): it repeats the ack it gave (phases and ready step included: the
@@ -881,7 +912,13 @@ class Master:
         return self._deliver(rows)
 
     # -- detection -----------------------------------------------------------------------------------------
-    def detect_state(self) -> DetectState:
+    def detect_state(self, now: float | None = None) -> DetectState:
+        """Facts for :func:`~oobleck.master.detect.decide`: the live nodes that may be dead at
+        ``now`` (a reported failure, a broken session, a pending re-attach, or silent for their
+        timeout); the others cannot be, and are left out so that a tick costs little in a large
+        cluster."""
+        now = self.clock() if now is None else now
+        default_s = self.config.heartbeat_timeout_s
         live = tuple(
             NodeLiveness(
                 n.row.node_id,
@@ -890,14 +927,19 @@ class Master:
                 n.failed_reason,
                 n.row.state in ("alive", "draining"),
                 n.reattach_by_s,
+                n.timeout_s,
             )
             for n in self.live.values()
+            if n.failed_reason is not None
+            or n.detached_since_s is not None
+            or n.reattach_by_s is not None
+            or now - n.last_seen_s >= (n.timeout_s or default_s)
         )
         return DetectState(live, self._pending_since)
 
     async def detect_once(self) -> None:
         now = self.clock()
-        decision, reason = decide(now, self.detect_state(), self.detect_config)
+        decision, reason = decide(now, self.detect_state(now), self.detect_config)
         if reason != self._last_reason:
             log.info("detector: %s", reason)
             self._last_reason = reason
@@ -933,6 +975,9 @@ class Master:
             or bool(self._lost or self._drain)
             or (self._reconfig_task is not None and not self._reconfig_task.done())
         )
+        running = job is not None and job.state == "RUNNING"
+        if not running or busy:  # no scale-up now: do not look at every node
+            return ScaleUpState(job_running=running, busy=busy, spares=(), tried=None)
         plan_slots = {self.nodes[n].row.slots for p in self.pipelines for n in p if n in self.nodes}
         spares = tuple(
             (n.row.node_id, n.joined_s)
@@ -946,7 +991,6 @@ class Master:
         tried = None
         if self._scale_tried is not None and job is not None and self._scale_tried[0] == job.generation:
             tried = self._scale_tried[1]
-        running = job is not None and job.state == "RUNNING"
         return ScaleUpState(job_running=running, busy=busy, spares=spares, tried=tried)
 
     async def detector_loop(self) -> None:

@@ -38,6 +38,7 @@ class NodeLiveness:
     failed_reason: str | None = None  # NodeFailure reported / killed
     in_plan: bool = True  # a death of a node in the plan needs a reconfiguration
     reattach_by_s: float | None = None  # master restarted at (this - restart_grace_s); not yet re-attached
+    timeout_s: float | None = None  # the heartbeat timeout this node was given (None: the config's)
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ def node_verdict(now: float, node: NodeLiveness, config: DetectConfig) -> str | 
     if node.detached_since_s is not None and now - node.detached_since_s >= config.session_grace_s:
         return f"session broken for {now - node.detached_since_s:.2f}s (grace {config.session_grace_s:g}s)"
     silent = now - node.last_heartbeat_s
-    if silent >= config.heartbeat_timeout_s:
-        return f"no heartbeat for {silent:.2f}s (timeout {config.heartbeat_timeout_s:g}s)"
+    timeout_s = node.timeout_s or config.heartbeat_timeout_s
+    if silent >= timeout_s:
+        return f"no heartbeat for {silent:.2f}s (timeout {timeout_s:g}s)"
     return None
 
 

@@ -66,6 +66,22 @@ class RateLimiter:
         return len(self._buckets)
 
 
+MAX_SCALED_TIMEOUT_S = 5.0  # scaling never makes the heartbeat timeout longer than this
+
+
+def heartbeat_terms(live_nodes: int, interval_s: float, timeout_s: float, budget_per_s: float) -> tuple[float, float]:
+    """(interval, timeout) for a node registering when ``live_nodes`` (itself included) are live: the configured
+    ones while the heartbeats of all nodes fit in ``budget_per_s``; beyond that the interval
+    grows so that they fit, and the timeout with it (keeping the configured ratio), but the
+    timeout never beyond :data:`MAX_SCALED_TIMEOUT_S` (or the configured timeout if longer) and
+    never fewer than two heartbeats per timeout."""
+    interval = max(interval_s, live_nodes / budget_per_s)
+    if interval == interval_s:
+        return interval_s, timeout_s
+    timeout = max(timeout_s, min(interval * timeout_s / interval_s, MAX_SCALED_TIMEOUT_S))
+    return min(interval, timeout / 2), timeout
+
+
 def peer_host(peer: str) -> str:
     """The host part of a gRPC peer string (``ipv4:1.2.3.4:567``, ``ipv6:[::1]:567``,
     ``unix:/path``): what registrations are counted by."""

@@ -218,8 +218,18 @@ class Command(_message.Message):
     profile: Profile
     def __init__(self, command_id: _Optional[int] = ..., generation: _Optional[int] = ..., start: _Optional[_Union[Start, _Mapping]] = ..., reconfigure: _Optional[_Union[Reconfigure, _Mapping]] = ..., stop: _Optional[_Union[Stop, _Mapping]] = ..., drain: _Optional[_Union[Drain, _Mapping]] = ..., kill: _Optional[_Union[Kill, _Mapping]] = ..., profile: _Optional[_Union[Profile, _Mapping]] = ...) -> None: ...
 
+class HeartbeatTerms(_message.Message):
+    __slots__ = ("interval_s", "timeout_s")
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    interval_s: float
+    timeout_s: float
+    def __init__(self, interval_s: _Optional[float] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
 class MasterMessage(_message.Message):
-    __slots__ = ("command",)
+    __slots__ = ("command", "terms")
     COMMAND_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
     command: Command
-    def __init__(self, command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
+    terms: HeartbeatTerms
+    def __init__(self, command: _Optional[_Union[Command, _Mapping]] = ..., terms: _Optional[_Union[HeartbeatTerms, _Mapping]] = ...) -> None: ...

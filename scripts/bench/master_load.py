@@ -3,14 +3,16 @@
     .venv/bin/python scripts/bench/master_load.py [--agents 1000] [--procs 4] [--silent 10]
 
 Starts ``oobleck-master`` (loopback, port 0, temporary state), then ``--procs`` client processes
-that each register and hold ``agents/procs`` sessions over grpc.aio, sending a heartbeat every
-``--heartbeat-interval-s``. After a warm-up, ``--silent`` agents stop heartbeating at once (their
+that each register and hold ``agents/procs`` sessions over grpc.aio, sending a heartbeat at the
+interval the master gives (``--heartbeat-interval-s``, stretched by the master beyond its
+``heartbeat_budget_per_s``, 5,000 heartbeats/s: at 10,000 agents the last ones get 2 s, with a
+5 s timeout). After a warm-up, ``--silent`` agents stop heartbeating at once (their
 streams stay open, so only the heartbeat timeout can catch them). Reports:
 - heartbeat_p99_ms: p99 time for a heartbeat write to be accepted by the transport (client side);
 - detect_p99_s: p99 of (node_dead event time - that agent's last heartbeat), target <= timeout + 0.5;
 - false_dead: nodes declared dead that were never silenced (must be 0);
 - master_rss_mb: the master's resident memory at the end of the heartbeat phase;
-- heartbeat_timeout_s: the timeout the master ran with;
+- heartbeat_timeout_s: the longest heartbeat timeout the master gave an agent;
 - idle_cpu_pct: after the heartbeat phase, every agent stops and more nodes register without ever
   attaching until ``--churn-nodes`` (20,000) nodes have died; once the master has purged them all
   (``--dead-node-retention-s``), its CPU over 10 s with no live session (target < 5 %).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -55,6 +58,8 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
     silent: set[int] = set()
     last_hb: dict[int, float] = {}
     node_ids: list[int] = []
+    timeouts: list[float] = []
+    readers: list[asyncio.Task] = []
     measuring = False
 
     async def agent(i: int, ready: asyncio.Event) -> None:
@@ -69,11 +74,26 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
         )  # fmt: skip
         node = res.node_id
         node_ids.append(node)
+        k = len(timeouts)
+        timeouts.append(res.heartbeat_timeout_s)
+        terms = [res.heartbeat_interval_s or interval_s]  # the master stretches it as the cluster grows
         call = stub.Session()
         await call.write(agent_pb2.AgentMessage(hello=agent_pb2.SessionHello(node_id=node, nonce=nonce)))
         ready.set()
+
+        async def read_terms() -> None:  # like an agent: the master may send longer terms later
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        return
+                    if msg.WhichOneof("body") == "terms":
+                        terms[0] = msg.terms.interval_s
+                        timeouts[k] = max(timeouts[k], msg.terms.timeout_s)
+
+        readers.append(asyncio.create_task(read_terms()))
         loop = asyncio.get_running_loop()
-        await asyncio.sleep(interval_s * (i % 50) / 50)  # spread the heartbeats
+        await asyncio.sleep(terms[0] * (i % 50) / 50)  # spread the heartbeats
         seq = 0
         nxt = loop.time()
         try:
@@ -85,8 +105,8 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
                     if measuring:
                         latencies.append((time.perf_counter() - t0) * 1000)
                     last_hb[node] = time.time()
-                nxt += interval_s
-                await asyncio.sleep(max(0.0, nxt - loop.time()))
+                nxt = max(nxt + terms[0], loop.time())  # late (a busy client): no burst to catch up
+                await asyncio.sleep(nxt - loop.time())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             print(json.dumps({"event": "session_error", "node": node, "error": str(exc)[:200]}), flush=True)
 
@@ -99,7 +119,7 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
         if i % 50 == 49:
             await asyncio.gather(*(e.wait() for e in readies))
     await asyncio.gather(*(e.wait() for e in readies))
-    print(json.dumps({"event": "ready", "nodes": len(node_ids)}), flush=True)
+    print(json.dumps({"event": "ready", "nodes": len(node_ids), "timeout_s": max(timeouts)}), flush=True)
 
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -111,19 +131,20 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
         if cmd == "measure":
             measuring = True
         elif cmd == "silence":
-            victims = sorted(node_ids)[: int(arg)]
+            ids = sorted(node_ids)  # spread over the registration order (early and late terms)
+            victims = ids[:: max(1, len(ids) // int(arg))][: int(arg)]
             silent.update(victims)
             print(json.dumps({"event": "silenced", "nodes": victims}), flush=True)
         elif cmd == "last":
             print(json.dumps({"event": "last", "last_hb": {str(n): last_hb.get(n, 0.0) for n in silent}}), flush=True)
     print(
         json.dumps(
-            {"event": "stats", "count": len(latencies), "p50": percentile(latencies, 0.5),
+            {"event": "stats", "count": len(latencies), "timeout_s": max(timeouts), "p50": percentile(latencies, 0.5),
              "p99": percentile(latencies, 0.99), "latencies_sample": latencies[-20000:]}
         ),
         flush=True,
     )  # fmt: skip
-    for t in tasks:
+    for t in tasks + readers:
         t.cancel()
     for c in chans:
         await c.close()
@@ -234,6 +255,7 @@ async def driver(args) -> dict:
         "--max-nodes", str(max(args.agents, args.churn_nodes) + 100), "--log-level", "WARNING",
         "--register-burst", str(args.churn_nodes + args.agents), "--register-rate-per-s", "1000000",
         "--dead-node-retention-s", str(args.dead_node_retention_s),
+        "--heartbeat-budget-per-s", str(args.heartbeat_budget_per_s),
     ]  # fmt: skip
     master = subprocess.Popen(master_argv, start_new_session=True)
     clients: list[Client] = []
@@ -256,8 +278,9 @@ async def driver(args) -> dict:
             first += count
         pumps = [asyncio.create_task(c.pump()) for c in clients]
         t_reg = time.monotonic()
+        timeout_s = 0.0
         for c in clients:
-            await c.expect("ready", 300)
+            timeout_s = max(timeout_s, (await c.expect("ready", 900))["timeout_s"])
         print(f"{args.agents} agents registered in {time.monotonic() - t_reg:.1f}s", flush=True)
 
         admin = aio_channel(target, token=(tmp / "admin.token").read_text().strip())
@@ -287,7 +310,7 @@ async def driver(args) -> dict:
         silenced = set((await clients[0].expect("silenced", 30))["nodes"])
         t_silence = time.monotonic()
         while len([d for d in deaths if d.node_id in silenced]) < len(silenced):
-            if time.monotonic() - t_silence > args.heartbeat_timeout_s + 30:
+            if time.monotonic() - t_silence > timeout_s + 30:
                 break
             await asyncio.sleep(0.05)
         clients[0].send("last")
@@ -306,6 +329,7 @@ async def driver(args) -> dict:
             c.stop()
         idle_cpu_pct, purge_s = await churn_and_idle(args, target, tmp, stub, master.pid)
         await admin.close()
+        timeout_s = max([timeout_s] + [s["timeout_s"] for s in stats])
         detect = [d.unix_time_s - last[d.node_id] for d in deaths if d.node_id in silenced and d.node_id in last]
         lat = [x for s in stats for x in s["latencies_sample"]]
         result = {
@@ -314,7 +338,7 @@ async def driver(args) -> dict:
             "detect_p99_s": round(percentile(detect, 0.99), 3),
             "false_dead": len([d for d in deaths if d.node_id not in silenced]),
             "master_rss_mb": round(rss, 1),
-            "heartbeat_timeout_s": args.heartbeat_timeout_s,
+            "heartbeat_timeout_s": timeout_s,  # the longest any agent was given
             "idle_cpu_pct": round(idle_cpu_pct, 2),
         }
         print(
@@ -383,6 +407,7 @@ def main() -> int:
     p.add_argument("--warmup-s", type=float, default=5.0)
     p.add_argument("--measure-s", type=float, default=10.0)
     p.add_argument("--after-s", type=float, default=5.0)
+    p.add_argument("--heartbeat-budget-per-s", type=float, default=5000.0, help="the master's heartbeat budget")
     p.add_argument("--churn-nodes", type=int, default=20_000, help="nodes that have died before idle_cpu_pct")
     p.add_argument("--dead-node-retention-s", type=float, default=5.0)
     p.add_argument("--idle-s", type=float, default=10.0)

@@ -89,7 +89,10 @@ class _Servicer(agent_pb2_grpc.AgentServiceServicer):
                     return
                 if item == "break":
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "fake master broke the session")
-                yield agent_pb2.MasterMessage(command=item)
+                if isinstance(item, agent_pb2.HeartbeatTerms):
+                    yield agent_pb2.MasterMessage(terms=item)
+                else:
+                    yield agent_pb2.MasterMessage(command=item)
         finally:
             reader.cancel()
             m._record("session_end", None, session)

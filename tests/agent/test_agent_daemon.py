@@ -6,6 +6,7 @@ Every test waits on events (messages at the fake master, process exits) with dea
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import signal
@@ -176,6 +177,19 @@ def test_silent_heartbeat_is_hung(master, start_agent):
     failure = master.wait_for("failure")[0].msg
     assert "slot 0" in failure.reason and "heartbeat silent" in failure.reason
     assert_all_gone(pids.values())
+
+
+def test_heartbeat_terms_from_the_master_change_the_interval(master, start_agent):
+    """A master whose cluster grew sends longer heartbeat terms on the session: the agent
+    heartbeats at the new interval from then on."""
+    agent = start_agent()
+    registered(master, agent)
+    master.wait_for("heartbeat", count=5)  # every 0.1 s (the fake master's interval)
+    mark = master.mark()
+    master.send(agent_pb2.HeartbeatTerms(interval_s=0.6, timeout_s=3.0))
+    beats = master.wait_for("heartbeat", count=5, after=mark, timeout_s=30)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(beats[1:])]  # the first came after the old sleep
+    assert gaps and min(gaps) > 0.4, gaps
 
 
 def test_blocked_but_heartbeating_worker_is_not_hung(master, start_agent):

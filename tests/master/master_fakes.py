@@ -172,6 +172,7 @@ class FakeAgent:
     last_command_id: int = 0
     last_generation: int = 0
     commands: list = field(default_factory=list)
+    terms: list = field(default_factory=list)  # heartbeat terms the master sent on the session
     session_error: grpc.StatusCode | None = None
     profile_reply: str | None = None  # a Profile command's ack carries this; None: nack it
     ready_step: int | None = None  # start / reconfigure acks carry this position (None: no step)
@@ -223,6 +224,9 @@ class FakeAgent:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
                     return
+                if msg.WhichOneof("body") == "terms":
+                    self.terms.append((msg.terms.interval_s, msg.terms.timeout_s))
+                    continue
                 cmd = msg.command
                 self.commands.append(cmd)
                 self.new_command.set()

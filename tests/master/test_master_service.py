@@ -821,3 +821,29 @@ def test_degraded_is_recorded_when_fewer_than_ft_plus_one_pipelines_or_idle_node
             await close_all([*agents[:3], late], channel)
 
     run(body())
+
+
+def test_a_large_cluster_gets_longer_heartbeat_terms(tmp_path):
+    """Beyond heartbeat_budget_per_s the interval (and timeout) stretch, for the registering node
+    and, once they grew by a quarter, for every live node (its session gets the new terms)."""
+
+    async def body():
+        async with running_master(tmp_path, heartbeat_budget_per_s=20.0) as srv:  # 0.1 s: 2 nodes fit
+            agents = [FakeAgent(srv.target, f"n{i}") for i in range(4)]
+            terms = []
+            for a in agents:
+                res = await a.register()
+                await a.attach()
+                terms.append((round(res.heartbeat_interval_s, 3), round(res.heartbeat_timeout_s, 3)))
+            assert terms == [(0.1, 1.0), (0.1, 1.0), (0.15, 1.5), (0.2, 2.0)], terms
+            await wait_until(lambda: all(a.terms and a.terms[-1] == (0.2, 2.0) for a in agents[:3]), what="terms")
+            assert [round(t[0], 3) for t in agents[0].terms] == [0.15, 0.2]
+            assert all(srv.master.nodes[a.node_id].timeout_s == 2.0 for a in agents)
+            t0 = asyncio.get_running_loop().time()
+            agents[0].heartbeating = False
+            await wait_until(lambda: srv.master.nodes[agents[0].node_id].row.state == "dead", what="n0 dead")
+            assert asyncio.get_running_loop().time() - t0 >= 1.9  # its timeout is now 2 s, not 1 s
+            assert "timeout 2s" in srv.master.nodes[agents[0].node_id].row.reason
+            await close_all(agents)
+
+    run(body())

@@ -84,6 +84,15 @@ def test_spare_death_needs_no_reconfiguration():
     assert "spares lost" in reason
 
 
+def test_each_node_is_judged_by_the_heartbeat_timeout_it_was_given():
+    config = DetectConfig(heartbeat_timeout_s=2.0)
+    nodes = (NodeLiveness(1, 100.0), NodeLiveness(2, 100.0, timeout_s=5.0))
+    decision, _ = decide(103.0, DetectState(nodes), config)
+    assert [n for n, _ in decision.dead] == [1]
+    decision, _ = decide(105.0, DetectState(nodes), config)
+    assert [n for n, _ in decision.dead] == [1, 2] and "timeout 5s" in decision.dead[1][1]
+
+
 def test_detect_config_validates():
     with pytest.raises(ValueError, match="heartbeat_timeout_s"):
         DetectConfig(heartbeat_timeout_s=0)

@@ -48,3 +48,21 @@ def test_pages_walk_every_item_once_in_order():
     assert got == items
     assert page(items, 0, 7) == (items, 0)
     assert page(items, 13, 3) == ([], 0)
+
+
+def test_heartbeat_terms_stretch_with_cluster_size_within_five_seconds():
+    from oobleck.master.membership import MAX_SCALED_TIMEOUT_S, heartbeat_terms
+
+    assert heartbeat_terms(0, 0.5, 2.0, 5000.0) == (0.5, 2.0)
+    assert heartbeat_terms(2500, 0.5, 2.0, 5000.0) == (0.5, 2.0)  # 2,500 nodes x 2/s fit the budget
+    interval, timeout = heartbeat_terms(4000, 0.5, 2.0, 5000.0)
+    assert interval == 0.8 and timeout == 3.2  # the ratio is kept
+    for live in (10_000, 100_000, 1_000_000):
+        interval, timeout = heartbeat_terms(live, 0.5, 2.0, 5000.0)
+        assert timeout == MAX_SCALED_TIMEOUT_S and interval <= timeout / 2
+    assert heartbeat_terms(10_000, 0.5, 30.0, 5000.0)[1] == 30.0  # a longer configured timeout stays
+    previous = (0.0, 0.0)
+    for live in range(0, 50_000, 997):  # never shorter for a larger cluster
+        terms = heartbeat_terms(live, 0.5, 2.0, 5000.0)
+        assert terms >= previous
+        previous = terms
