@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -359,6 +360,8 @@ async def driver(args) -> dict:
                 master.wait(15)
             except subprocess.TimeoutExpired:
                 master.kill()
+                master.wait(15)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def churn_and_idle(args, target: str, tmp: Path, stub, master_pid: int) -> tuple[float, float]:
