@@ -40,6 +40,7 @@ ACTIVE_JOB_STATES = ("STARTING", "RUNNING", "RECONFIGURING")
 TERMINAL_JOB_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 STATUS_NODES = 1000  # nodes listed in /api/status (ListNodes pages through all)
 PURGE_EVERY_S = 1.0
+LAG_WINDOW_S = 2.0  # how long a late detector tick extends the heartbeat timeouts
 MAX_EVENTS_IN_MEMORY = 10_000
 WATCH_QUEUE_SIZE = 1_000
 
@@ -227,6 +228,8 @@ class Master:
         self.nodes: dict[int, NodeRuntime] = {}  # every node not purged, in node id order
         self.live: dict[int, NodeRuntime] = {}  # the nodes not dead: what detection and planning look at
         self._next_purge_s = 0.0
+        self._lag_s = 0.0  # the detector loop's lateness: max over the last LAG_WINDOW_S
+        self._lags: deque[tuple[float, float]] = deque()  # (when, how late) of recent ticks
         self._terms = (config.heartbeat_interval_s, config.heartbeat_timeout_s)  # only grows while running
         self._terms_sent = self._terms  # the terms last sent to every live node
         self.job: JobRow | None = None
@@ -935,7 +938,7 @@ class Master:
             or n.reattach_by_s is not None
             or now - n.last_seen_s >= (n.timeout_s or default_s)
         )
-        return DetectState(live, self._pending_since)
+        return DetectState(live, self._pending_since, self._lag_s)
 
     async def detect_once(self) -> None:
         now = self.clock()
@@ -993,9 +996,22 @@ class Master:
             tried = self._scale_tried[1]
         return ScaleUpState(job_running=running, busy=busy, spares=spares, tried=tried)
 
+    def _note_lag(self, now: float, lag_s: float) -> None:
+        """Record how late a detector tick ran (the event loop's backlog) and keep the window's
+        maximum in ``_lag_s`` (see :attr:`DetectState.master_lag_s`)."""
+        self._lags.append((now, lag_s))
+        while self._lags and now - self._lags[0][0] > LAG_WINDOW_S:
+            self._lags.popleft()
+        self._lag_s = max(lag for _, lag in self._lags)
+        self.metrics.loop_lag.set(self._lag_s)
+
     async def detector_loop(self) -> None:
+        tick_s = self.config.detect_tick_s
         while True:
-            await asyncio.sleep(self.config.detect_tick_s)
+            before = time.monotonic()
+            await asyncio.sleep(tick_s)
+            after = time.monotonic()
+            self._note_lag(after, max(0.0, after - before - tick_s))
             await self.detect_once()
             if self._progress_dirty and self.job is not None:
                 self._progress_dirty = False
@@ -1108,6 +1124,13 @@ class Master:
             candidates, _ = planning.plannable_nodes(self._planning_nodes())
             if not candidates:
                 raise MasterError("FAILED_PRECONDITION", "no live nodes are registered; start agents first")
+            needed = (spec.ft + 1) * (spec.min_nodes or 0)  # with min_nodes: known before any profile
+            if len(candidates) < needed:
+                raise MasterError(
+                    "FAILED_PRECONDITION",
+                    f"cannot plan the job on {len(candidates)} nodes: too few nodes for ft: {len(candidates)} "
+                    f"nodes < (ft+1)*min_nodes = ({spec.ft}+1)*{spec.min_nodes} = {needed}",
+                )
             if spec.profile is not None:
                 profile, source = await self._profile_file(spec)
             else:

@@ -45,6 +45,10 @@ class NodeLiveness:
 class DetectState:
     nodes: tuple[NodeLiveness, ...]  # the nodes not yet declared dead
     pending_since_s: float | None = None  # first in-plan death not yet handled by a reconfiguration
+    # How late the master itself has recently been running (its event loop's lag): a heartbeat
+    # may be waiting in its own backlog that long, so silence is judged only beyond timeout + lag
+    # (an overloaded master detects later instead of declaring live nodes dead).
+    master_lag_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Decision:
         return not self.dead and not self.reconfigure
 
 
-def node_verdict(now: float, node: NodeLiveness, config: DetectConfig) -> str | None:
+def node_verdict(now: float, node: NodeLiveness, config: DetectConfig, lag_s: float = 0.0) -> str | None:
     """Why ``node`` is dead at ``now``, or None while it is alive."""
     if node.failed_reason is not None:
         return f"node failure: {node.failed_reason}"
@@ -70,8 +74,9 @@ def node_verdict(now: float, node: NodeLiveness, config: DetectConfig) -> str | 
         return f"session broken for {now - node.detached_since_s:.2f}s (grace {config.session_grace_s:g}s)"
     silent = now - node.last_heartbeat_s
     timeout_s = node.timeout_s or config.heartbeat_timeout_s
-    if silent >= timeout_s:
-        return f"no heartbeat for {silent:.2f}s (timeout {timeout_s:g}s)"
+    if silent >= timeout_s + lag_s:
+        late = f", master {lag_s:.2f}s behind" if lag_s > 0 else ""
+        return f"no heartbeat for {silent:.2f}s (timeout {timeout_s:g}s{late})"
     return None
 
 
@@ -80,7 +85,7 @@ def decide(now: float, state: DetectState, config: DetectConfig) -> tuple[Decisi
     dead: list[tuple[int, str]] = []
     pending = state.pending_since_s
     for node in state.nodes:
-        why = node_verdict(now, node, config)
+        why = node_verdict(now, node, config, state.master_lag_s)
         if why is None:
             continue
         dead.append((node.node_id, why))

@@ -54,6 +54,12 @@ class MasterMetrics:
             ["reason"],
             registry=r,
         )
+        self.loop_lag = Gauge(
+            "oobleck_master_loop_lag_seconds",
+            "How late the master's detector ran recently (event loop backlog); heartbeat silence is judged "
+            "only beyond the timeout plus this",
+            registry=r,
+        )
         self.nodes_purged = Counter(
             "oobleck_nodes_purged", "Dead nodes forgotten after dead_node_retention_s", registry=r
         )

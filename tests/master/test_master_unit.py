@@ -93,6 +93,15 @@ def test_each_node_is_judged_by_the_heartbeat_timeout_it_was_given():
     assert [n for n, _ in decision.dead] == [1, 2] and "timeout 5s" in decision.dead[1][1]
 
 
+def test_a_master_running_late_extends_the_silence_it_tolerates():
+    """Heartbeats may wait in the master's own backlog: silence counts beyond timeout + lag."""
+    config = DetectConfig(heartbeat_timeout_s=2.0)
+    nodes = (NodeLiveness(1, 100.0),)
+    assert decide(102.5, DetectState(nodes, master_lag_s=0.8), config)[0].quiet
+    decision, _ = decide(102.85, DetectState(nodes, master_lag_s=0.8), config)
+    assert decision.dead == ((1, "no heartbeat for 2.85s (timeout 2s, master 0.80s behind)"),)
+
+
 def test_detect_config_validates():
     with pytest.raises(ValueError, match="heartbeat_timeout_s"):
         DetectConfig(heartbeat_timeout_s=0)
