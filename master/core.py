@@ -663,8 +663,9 @@ class Master:
                 info.identity,
             )
             self._require_store()  # a new node needs a durable id
+            event = self._new_event("node_registered", f"{row.name} ({row.slots} slots) registered")
             try:
-                row = await self.store.call("register_node", row)
+                row = await self.store.call("register_node", row, event)  # one commit: the node and its event
             except StoreError as exc:
                 self._store_failed(exc)
                 raise StateUnavailable(str(exc)) from None
@@ -672,7 +673,7 @@ class Master:
                 row=row, last_seen_s=self.clock(), joined_s=self.clock()
             )
             self._update_node_metrics()
-            await self._record("node_registered", f"{row.name} ({row.slots} slots) registered", node_id=row.node_id)
+            self._publish(event)
             if self.job is not None and self.job.state == "PAUSED":
                 self._spawn(self._try_resume())
         interval_s, timeout_s = self._heartbeat_terms()

@@ -294,12 +294,16 @@ class Store:
             ),
         )
 
-    def register_node(self, node: NodeRow) -> NodeRow:
-        """Give ``node`` a fresh id (when its id is 0) and save it, in one transaction."""
+    def register_node(self, node: NodeRow, event: EventRow | None = None) -> NodeRow:
+        """Give ``node`` a fresh id (when its id is 0) and save it, with its ``event`` (whose
+        node_id becomes that id), in one transaction."""
         with self._tx() as c:
             if node.node_id == 0:
                 node.node_id = self._take_counter(c, "next_node_id")
             self._save_node(c, node)
+            if event is not None:
+                event.node_id = node.node_id
+                self._insert_event(c, event)
         return node
 
     def save_nodes(self, nodes: list[NodeRow]) -> None:
