@@ -376,23 +376,19 @@ class Store:
             )
             return cur.rowcount == 1
 
-    def drop_commands_of(self, node_id: int) -> None:
+    @staticmethod
+    def _drop_commands_of(c: sqlite3.Connection, node_id: int) -> None:
         """A dead node's unacked commands will never be delivered: mark them acked (not ok)."""
-        with self._tx() as c:
-            c.execute(
-                "UPDATE commands SET acked = 1, ok = 0, error = 'node dead' WHERE node_id = ? AND acked = 0",
-                (node_id,),
-            )
+        c.execute(
+            "UPDATE commands SET acked = 1, ok = 0, error = 'node dead' WHERE node_id = ? AND acked = 0", (node_id,)
+        )
 
     def declare_dead(self, nodes: list[NodeRow], events: list[EventRow]) -> None:
         """Dead nodes, their undeliverable commands dropped, their events: one transaction."""
         with self._tx() as c:
             for node in nodes:
                 self._save_node(c, node)
-                c.execute(
-                    "UPDATE commands SET acked = 1, ok = 0, error = 'node dead' WHERE node_id = ? AND acked = 0",
-                    (node.node_id,),
-                )
+                self._drop_commands_of(c, node.node_id)
             for ev in events:
                 self._insert_event(c, ev)
 
@@ -459,10 +455,7 @@ class Store:
                     (int(ok), error, command_id),
                 )
             for node_id in dead:
-                c.execute(
-                    "UPDATE commands SET acked = 1, ok = 0, error = 'node dead' WHERE node_id = ? AND acked = 0",
-                    (node_id,),
-                )
+                self._drop_commands_of(c, node_id)
             for ev in events:
                 self._insert_event(c, ev)
 
