@@ -370,6 +370,17 @@ class MasterProcess:
         assert self.info["pid"] == self.proc.pid
         return self
 
+    def metric(self, name: str) -> float:
+        """One sample of the master's ``/metrics`` (``name`` with its labels, as exposed)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.info['http_port']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.split()[0] == name:
+                    return float(line.split()[-1])
+        raise AssertionError(f"{name} not in /metrics")
+
     def signal(self, sig) -> None:
         import os
 

@@ -33,15 +33,6 @@ def master(tmp_path):
         proc.stop()
 
 
-def metric(master, name: str) -> float:
-    url = f"http://127.0.0.1:{master.info['http_port']}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.split()[0] == name:
-                return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def report(step: int, loss: float = 2.0, generation: int = 1) -> agent_pb2.StepReport:
     return agent_pb2.StepReport(generation=generation, step=step, loss=loss, samples_per_s=10.0)
 
@@ -69,11 +60,11 @@ def test_forged_step_reports_neither_advance_nor_end_the_job(master, tmp_path):
         # A plan node, beyond the job's steps; then the final step, alone.
         await plan_nodes[0].send(step=report(10**12, loss=1e-4))
         await plan_nodes[0].send(step=report(STEPS, loss=1e-4))
-        await wait_until(lambda: metric(master, 'oobleck_step_reports_ignored_total{reason="not_in_plan"}') == 100)
+        await wait_until(lambda: master.metric('oobleck_step_reports_ignored_total{reason="not_in_plan"}') == 100)
         s = await status(stub)
         assert s.state == admin_pb2.JOB_STATE_RUNNING and s.step == 3 and s.loss != pytest.approx(1e-4), s
-        assert metric(master, 'oobleck_step_reports_ignored_total{reason="beyond_steps"}') == 1
-        assert metric(master, "oobleck_step") == 3
+        assert master.metric('oobleck_step_reports_ignored_total{reason="beyond_steps"}') == 1
+        assert master.metric("oobleck_step") == 3
         log = master.log_file.read_text()
         assert log.count(f"node {spare.node_id}: step report ignored") == 1, "one line per node, not a flood"
 

@@ -21,15 +21,6 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 90))
 
 
-def metric(master, name: str) -> float:
-    url = f"http://127.0.0.1:{master.info['http_port']}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.split()[0] == name:
-                return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
 def healthz_ms(master) -> float:
     import time
 
@@ -83,14 +74,14 @@ def test_a_registration_flood_is_cut_off_and_dead_nodes_are_purged(master):
                 refused.append(exc.details())
         assert BURST <= len(registered) <= BURST + 2, len(registered)  # the burst (and what refilled meanwhile)
         assert "too many registrations from 127.0.0.1" in refused[0] and "retry in" in refused[0], refused[0]
-        assert metric(master, "oobleck_registrations_refused_total") == len(refused)
+        assert master.metric("oobleck_registrations_refused_total") == len(refused)
         assert healthz_ms(master) < 200
 
         # Registered but never attached: declared dead, listed for the retention, then purged.
         await wait_until(
-            lambda: metric(master, 'oobleck_nodes{state="dead"}') == len(registered), 15, "flood nodes dead"
+            lambda: master.metric('oobleck_nodes{state="dead"}') == len(registered), 15, "flood nodes dead"
         )
-        await wait_until(lambda: metric(master, "oobleck_nodes_purged_total") == len(registered), 15, "purged")
+        await wait_until(lambda: master.metric("oobleck_nodes_purged_total") == len(registered), 15, "purged")
         listed = await admin.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)
         assert listed.total == 0 and not listed.nodes
         assert not stored_node_ids(master) & set(registered)  # gone from the state file too
@@ -107,7 +98,7 @@ def test_a_registration_flood_is_cut_off_and_dead_nodes_are_purged(master):
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 await asyncio.sleep(0.1)  # waiting for the bucket to refill (2 per second)
         assert agent.node_id > max(registered)
-        await wait_until(lambda: metric(master, 'oobleck_nodes{state="spare"}') == 1, 10, "real agent live")
+        await wait_until(lambda: master.metric('oobleck_nodes{state="spare"}') == 1, 10, "real agent live")
         await agent.close()
         await agent_channel.close()
         await channel.close()
