@@ -16,13 +16,14 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from oobleck.common.files import NotRegularFile, open_regular, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,17 @@ def read_token_file(path: str | Path) -> str:
     or ``/dev/zero`` named by mistake cannot block or exhaust the reader)."""
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd, info = open_regular(p)
+    except NotRegularFile:
+        raise TokenFileError(f"token file {str(p)!r}: not a regular file") from None
     except OSError as exc:
         raise TokenFileError(f"token file {str(p)!r}: cannot read: {exc.strerror or exc}") from exc
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise TokenFileError(f"token file {str(p)!r}: not a regular file")
         if info.st_mode & 0o077:
             raise TokenFileError(
                 f"token file {str(p)!r}: readable by others (mode {info.st_mode & 0o777:o}); chmod 600 {str(p)!r}"
             )
-        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
+        raw = read_bounded(fd, MAX_TOKEN_BYTES)
     except OSError as exc:
         raise TokenFileError(f"token file {str(p)!r}: cannot read: {exc.strerror or exc}") from exc
     finally:

@@ -1,9 +1,11 @@
-"""Durable file writes shared by the daemons, the workers and the tools."""
+"""Durable file writes, and careful reads of files named by users, shared by the daemons, the
+workers and the tools."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,3 +55,55 @@ def write_secret(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
+
+
+class NotRegularFile(ValueError):
+    """A path that names something other than a regular file; ``kind`` says what, in words."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"{kind}, not a regular file")
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this mode is, in words (for errors)."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: str | Path) -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only and non-blocking (a FIFO cannot block the open, a terminal does not
+    become the controlling one) and check with ``fstat`` that what was opened is a regular file.
+    Returns ``(fd, stat)``; raises :class:`NotRegularFile` (the descriptor closed) or the
+    ``OSError`` of the open or the fstat."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(file_kind(info.st_mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """Read from ``fd`` until end of file or until more than ``limit`` bytes (then the result is
+    longer than ``limit``: the caller refuses it without reading the rest)."""
+    chunks, total = [], 0
+    while total <= limit:
+        chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)

@@ -15,11 +15,10 @@ import hashlib
 import json
 import logging
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from oobleck.common.files import atomic_write
+from oobleck.common.files import NotRegularFile, atomic_write, open_regular, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +79,23 @@ def read_profile_file(directory: Path, name: str) -> dict[str, Any]:
     if path != directory and directory not in path.parents:
         raise ProfileFileError(f"{name!r} is outside the master's profile directory {str(directory)!r}")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd, info = open_regular(path)
+    except NotRegularFile:
+        raise ProfileFileError(f"{name!r}: not a regular file") from None
     except OSError as exc:
         raise ProfileFileError(f"{name!r}: cannot open: {exc.strerror or exc}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ProfileFileError(f"{name!r}: not a regular file")
         if info.st_size > MAX_PROFILE_BYTES:
             raise ProfileFileError(f"{name!r}: {info.st_size} bytes, more than {MAX_PROFILE_BYTES}")
-        chunks, total = [], 0
-        while total <= MAX_PROFILE_BYTES:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
+        data = read_bounded(fd, MAX_PROFILE_BYTES)
     except OSError as exc:
         raise ProfileFileError(f"{name!r}: cannot read: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-    if total > MAX_PROFILE_BYTES:
+    if len(data) > MAX_PROFILE_BYTES:
         raise ProfileFileError(f"{name!r}: more than {MAX_PROFILE_BYTES} bytes")
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(data)
     except (ValueError, RecursionError) as exc:
         where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise ProfileFileError(f"{name!r}: not an oobleck-profile/1 JSON document (invalid JSON{where})") from None

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from oobleck.common.files import NotRegularFile, file_kind, open_regular
 from oobleck.common.validate import ConfigError
 
 
@@ -72,24 +73,6 @@ class SyntheticDataset(TokenDataset):
         return out
 
 
-def _kind(mode: int) -> str:
-    """What a file of this mode is, in words (for errors)."""
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
 @dataclass(frozen=True)
 class _Part:
     """One file of a text dataset: where it is, its identity and size when listed, its first byte."""
@@ -101,22 +84,14 @@ class _Part:
     start: int  # offset of its first byte in the concatenation
 
 
-def _open_regular(path: str, shown: str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
-    """Open ``path`` read-only and non-blocking (a FIFO cannot block the open) and check with
-    ``fstat`` that what was opened is a regular file; returns ``(fd, stat)``."""
+def _open_regular(path: str, shown: str) -> tuple[int, os.stat_result]:
+    """:func:`~oobleck.common.files.open_regular`, its errors as ``data.path`` ConfigErrors."""
     try:
-        fd = os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
+        return open_regular(path)
+    except NotRegularFile as exc:
+        raise ConfigError("data.path", f"{shown} is {exc}") from None
     except OSError as exc:
         raise ConfigError("data.path", f"cannot open {shown}: {exc.strerror or exc}") from exc
-    try:
-        info = os.fstat(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise ConfigError("data.path", f"cannot stat {shown}: {exc.strerror or exc}") from exc
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise ConfigError("data.path", f"{shown} is {_kind(info.st_mode)}, not a regular file")
-    return fd, info
 
 
 class TextDataset(TokenDataset):
@@ -162,7 +137,7 @@ class TextDataset(TokenDataset):
             os.close(fd)
             return [_Part(self.path, info.st_dev, info.st_ino, info.st_size, 0)]
         if not stat.S_ISDIR(info.st_mode):
-            raise ConfigError("data.path", f"{shown} is {_kind(info.st_mode)}, not a regular file or a directory")
+            raise ConfigError("data.path", f"{shown} is {file_kind(info.st_mode)}, not a regular file or a directory")
         try:
             names = sorted(n for n in os.listdir(self.path) if not n.startswith("."))
         except OSError as exc:
@@ -178,7 +153,7 @@ class TextDataset(TokenDataset):
             except OSError as exc:
                 raise ConfigError("data.path", f"cannot read {entry}: {exc.strerror or exc}") from exc
             if not stat.S_ISREG(entry_info.st_mode):
-                raise ConfigError("data.path", f"{entry} is {_kind(entry_info.st_mode)}, not a regular file")
+                raise ConfigError("data.path", f"{entry} is {file_kind(entry_info.st_mode)}, not a regular file")
             fd, entry_info = _open_regular(full, entry)
             os.close(fd)
             parts.append(_Part(full, entry_info.st_dev, entry_info.st_ino, entry_info.st_size, start))
