@@ -1196,7 +1196,7 @@ class Master:
         except planner.PlannerError as exc:
             raise MasterError("INVALID_ARGUMENT", f"planner rejected the job: {exc}") from None
         layout.plan.job_id = job_id
-        kind = "job_planned" if self._profiled(job_id) else "job_submitted"  # submitted when it began profiling
+        kind = "job_planned" if self._is_profiling(job_id) else "job_submitted"  # submitted when it began profiling
         with self._transaction():
             self.ctx = ctx
             self.job = JobRow(
@@ -1236,7 +1236,7 @@ class Master:
         self._spawn(self._settle(generation, waits, self.config.start_ack_timeout_s, {}))
         return job_id, generation
 
-    def _profiled(self, job_id: str) -> bool:
+    def _is_profiling(self, job_id: str) -> bool:
         """Whether job ``job_id`` was PROFILING (its ``job_submitted`` event is already out)."""
         return self.job is not None and self.job.job_id == job_id and self.job.state == "PROFILING"
 
@@ -1307,7 +1307,7 @@ class Master:
                 except _NodeLost as lost:
                     log.warning("profiling node %d died; measuring on another node", lost.node_id)
             async with self._plan_lock:
-                if self._profiled(job_id):
+                if self._is_profiling(job_id):
                     await self._start_job(job_id, spec, job.spec_yaml, model, profile, source)
         except asyncio.CancelledError:
             raise
@@ -1319,7 +1319,7 @@ class Master:
 
     async def _fail_profiling(self, job_id: str, why: str) -> None:
         async with self._plan_lock:
-            if not self._profiled(job_id):
+            if not self._is_profiling(job_id):
                 return
             try:
                 with self._transaction():
