@@ -1491,10 +1491,11 @@ class Master:
             self.progress.start = job.step  # agents that do not report the ready step
         job.state, job.reason = "RUNNING", ""
         acked_at = self.clock()
+        start_step = job.step  # step reports may move it on while the job is saved
         await self._save_fact("save_job", job)
         if reconfiguring:
             what = f"generation {generation} acked by {len(waits)} nodes"
-            what += f" (restored at step {job.step})" if restored else ""
+            what += f" (restored at step {start_step})" if restored else ""
             await self._record("reconfigured", what, durations=durations)
             # "resumed" follows "reconfigured" in the event log, even when a step of the new
             # generation was reported while the acks were processed or the above was written.
@@ -1503,7 +1504,7 @@ class Master:
             else:
                 self._resume_wait = (generation, acked_at, durations)
         else:
-            what = f"restored at step {job.step}" if restored else "ready"
+            what = f"restored at step {start_step}" if restored else "ready"
             await self._record("running", f"all nodes acked generation {generation} ({what})")
         await self._check_degraded()
 
