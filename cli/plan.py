@@ -1,4 +1,4 @@
-"""``oobleckctl plan``: preview the planner's output offline (planner.md "Command line").
+"""``oobleckctl plan``: preview the planner's output offline (docs/planner.md "Command line").
 
     oobleckctl plan templates   --profile P.json --cluster C.json --ft F [--min-nodes N0] --microbatches B
     oobleckctl plan instantiate --profile P.json --cluster C.json --ft F [--min-nodes N0] --microbatches B [--nodes M]

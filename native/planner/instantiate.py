@@ -1,4 +1,4 @@
-"""Instantiation and batch distribution (planner.md "Instantiation and batch distribution").
+"""Instantiation and batch distribution (docs/planner.md "Instantiation and batch distribution").
 
 The optimisation runs in C (``obk_instantiate``: a DP over pipelines and node counts for each
 candidate bottleneck, never an enumeration of template mixes); this module converts the typed

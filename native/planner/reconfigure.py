@@ -1,4 +1,4 @@
-"""Reconfiguration after failures, compacted ranks and the layer-copy plan (planner.md).
+"""Reconfiguration after failures, compacted ranks and the layer-copy plan (docs/planner.md).
 
 The policy (steps 1-4), the ranks and the copy plan run in C; this module validates the typed
 inputs, decides step 5 (re-instantiate when a pipeline size has no template), redistributes the
@@ -314,7 +314,7 @@ def scale_up(
     cluster: Cluster,
     microbatches: int,
 ) -> Reconfiguration:
-    """Grow a running plan onto the nodes ``added`` (spares that joined): planner.md's
+    """Grow a running plan onto the nodes ``added`` (spares that joined; docs/planner.md "Scale-up"):
     instantiation over the plan's nodes plus ``added``, laid out to move as few layers as possible.
 
     The mix is the one :func:`instantiate` picks for that many nodes. Every current pipeline whose

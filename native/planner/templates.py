@@ -1,4 +1,4 @@
-"""Pipeline templates and the node specification (planner.md), computed by the C planner.
+"""Pipeline templates and the node specification (docs/planner.md), computed by the C planner.
 
 ``plan_templates`` is pure computation and releases the GIL while the C code runs; the master
 calls it through ``asyncio.to_thread``.

@@ -1,4 +1,4 @@
-"""Plain dataclasses for the planner's inputs and outputs (see shared/design/planner.md).
+"""Plain dataclasses for the planner's inputs and outputs (see docs/planner.md).
 
 Units: times in milliseconds, sizes in bytes, bandwidth in bytes per second. Layer ranges are
 half-open ``(start, end)``. Node ids are the caller's integers.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Planner speed benchmark (planner.md "Speed"); run on one core.
+"""Planner speed benchmark (docs/planner.md "Limits and speed"); run on one core.
 
     .venv/bin/python scripts/bench/planner.py [--repeat N]
 

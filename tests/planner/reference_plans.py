@@ -1,5 +1,5 @@
 """Pure-Python reference implementations (brute force) of instantiation, batch split,
-reconfiguration and the layer-copy plan, written straight from planner.md for small inputs.
+reconfiguration and the layer-copy plan, written straight from docs/planner.md for small inputs.
 
 Also small builders of hand-made templates for tests.
 """
@@ -96,7 +96,7 @@ def max_node_param_bytes(templates: TemplateSet, profile: Profile) -> int:
 def brute_instantiate(
     templates: Sequence[Template], num_nodes: int, ft: int, microbatches: int, w: float, bw: float
 ) -> dict:
-    """Every count vector, every split: the plan of planner.md, as
+    """Every count vector, every split: the plan of docs/planner.md, as
     ``{"counts", "shares", "z", "sync", "estimate", "used", "degraded"}``.
     Raises ValueError("too few nodes" / "microbatches") like the C errors."""
     sizes = [t.num_nodes for t in templates]
@@ -144,7 +144,7 @@ class Insufficient(Exception):
 
 
 def policy(pipelines: Sequence[Sequence[int]], lost: set[int], min_nodes: int) -> list[list[int]]:
-    """Steps 1-4 of planner.md, literally."""
+    """Steps 1-4 of docs/planner.md "Reconfiguration after failures", literally."""
     pls = [[n for n in p if n not in lost] for p in pipelines]
     state = ["keep"] * len(pls)
     for i, p in enumerate(pls):
@@ -185,7 +185,7 @@ def copy_plan(
     factor: float,
     bw: float,
 ):
-    """Greedy copy plan of planner.md: returns (copies as (layer, src, dst, bytes), copy_ms, restore)."""
+    """Greedy copy plan of docs/planner.md: returns (copies as (layer, src, dst, bytes), copy_ms, restore)."""
     sent: dict[int, float] = {}
     recv: dict[int, float] = {}
     copies, restore = [], []

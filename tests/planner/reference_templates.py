@@ -1,4 +1,4 @@
-"""Pure-Python brute force for pipeline templates and the node specification (planner.md).
+"""Pure-Python brute force for pipeline templates and the node specification (docs/planner.md).
 
 It enumerates every layout, so it is only usable on tiny inputs. It follows the same written
 rules as the C planner (see the template section of native/include/oobleck_planner.h): one GPU

@@ -20,7 +20,7 @@ EXAMPLE = [[0, 1], [2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12, 13]]
 LAYERS = 10
 
 
-# ---- the worked examples of planner.md ------------------------------------------------------
+# ---- the worked examples of docs/planner.md -------------------------------------------------
 
 
 def test_example_lost_one_node_keeps_every_pipeline():
