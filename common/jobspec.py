@@ -14,7 +14,7 @@ submit``). It parses into the frozen :class:`JobSpec`; every error is a
     steps: 200
     checkpoint: {dir: /var/lib/oobleck/ckpt, interval_steps: 50}
 
-Decisions where the design is silent: unknown fields are errors (a typo must not silently
+Rules (every field is described in docs/job-spec.md): unknown fields are errors (a typo must not silently
 fall back to a default); ``model.config`` is free-form here and checked by the worker's model
 registry at submit time; ``checkpoint`` may be omitted (no periodic checkpoints).
 """
