@@ -55,8 +55,7 @@ from oobleck.common.jobspec import parse_job_spec
 from oobleck.common.tls import ClientTls, aio_channel, is_loopback_host, split_host_port
 from oobleck.common.validate import ConfigError
 from oobleck.common.version import version
-from oobleck.protos.v1 import agent_pb2, agent_pb2_grpc, plan_pb2, worker_pb2
-from oobleck.worker.agent_link import (
+from oobleck.common.worker_link import (
     ENV_AGENT_PID,
     ENV_AGENT_SOCKET,
     ENV_HEARTBEAT_INTERVAL_S,
@@ -64,6 +63,7 @@ from oobleck.worker.agent_link import (
     ENV_SLOT,
     ENV_WORK_DIR,
 )
+from oobleck.protos.v1 import agent_pb2, agent_pb2_grpc, plan_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 

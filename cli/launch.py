@@ -103,7 +103,7 @@ def load_spec(path: str) -> tuple[Any, dict[str, Any]]:
     A relative ``profile:`` is made absolute (relative to the spec's folder). Raises ConfigError.
     """
     from oobleck.common.jobspec import job_spec_from_dict, load_job_spec
-    from oobleck.worker.config import validate_model_config
+    from oobleck.common.modelconfig import validate_model_config
 
     spec = load_job_spec(path)
     try:

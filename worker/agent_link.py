@@ -22,8 +22,10 @@ default exits the whole process at once with :data:`AGENT_LOST_EXIT_CODE` (the m
 be blocked in a collective and could not react). The agent spawns workers with
 ``PR_SET_PDEATHSIG`` = SIGKILL (``setpriv``), and :meth:`AgentLink.attach` sets it again.
 
-Plans are delivered as ``oobleck.protos.v1.plan_pb2.Plan`` messages, as the master sent them.
-This module imports no torch.
+Plans are delivered as ``oobleck.protos.v1.plan_pb2.Plan`` messages, as the master sent them;
+the worker loop takes its commands through :class:`oobleck.worker.commands.Inbox`, which converts
+them to dataclasses. The names shared with the agent (environment, command kinds) are in
+:mod:`oobleck.common.worker_link`. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -39,26 +41,43 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from oobleck.common.worker_link import (
+    AGENT_LOST_EXIT_CODE,
+    ENV_AGENT_PID,
+    ENV_AGENT_SOCKET,
+    ENV_HEARTBEAT_INTERVAL_S,
+    ENV_NODE_ID,
+    ENV_SLOT,
+    ENV_WORK_DIR,
+    MAX_MESSAGE_BYTES,
+    RECONFIGURE,
+    START,
+    STOP,
+)
 from oobleck.protos.v1 import plan_pb2, worker_pb2, worker_pb2_grpc
+
+__all__ = [
+    "AGENT_LOST_EXIT_CODE",
+    "ENV_AGENT_PID",
+    "ENV_AGENT_SOCKET",
+    "ENV_HEARTBEAT_INTERVAL_S",
+    "ENV_NODE_ID",
+    "ENV_SLOT",
+    "ENV_WORK_DIR",
+    "MAX_MESSAGE_BYTES",
+    "RECONFIGURE",
+    "START",
+    "STOP",
+    "AgentLink",
+    "AgentLinkError",
+    "WorkerCommand",
+    "command_from_proto",
+    "die_with_parent",
+]
 
 log = logging.getLogger(__name__)
 
-#: Environment the agent sets for every worker it spawns.
-ENV_AGENT_SOCKET = "OOBLECK_AGENT_SOCKET"
-ENV_NODE_ID = "OOBLECK_NODE_ID"
-ENV_SLOT = "OOBLECK_SLOT"
-ENV_WORK_DIR = "OOBLECK_WORK_DIR"
-ENV_HEARTBEAT_INTERVAL_S = "OOBLECK_WORKER_HEARTBEAT_INTERVAL_S"
-ENV_AGENT_PID = "OOBLECK_AGENT_PID"
-
-#: Exit status of a worker whose agent went away.
-AGENT_LOST_EXIT_CODE = 75
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-START = "start"
-RECONFIGURE = "reconfigure"
-STOP = "stop"
 
 
 class AgentLinkError(RuntimeError):

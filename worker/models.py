@@ -14,7 +14,7 @@ the first and the last layer hold it (under the names in :attr:`ModelDef.tied`);
 holds both, :func:`tie_layers` makes them the same ``nn.Parameter``. Across processes the engine
 sums the two gradients before the optimizer step, so both copies receive the same update.
 
-Accepted ``model.config`` keys: see :mod:`oobleck.worker.config`.
+Accepted ``model.config`` keys: see :mod:`oobleck.common.modelconfig`.
 
 Hugging Face models are built from a config written here (never downloaded), with random
 initialisation from the same per-layer seeds (normal(0, init_std) for linear and embedding
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oobleck.worker.config import ModelConfig
+from oobleck.common.modelconfig import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
 # Initialisation

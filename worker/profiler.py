@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
+from oobleck.common.modelconfig import validate_model_config
 from oobleck.planner import PROFILE_FORMAT, parse_profile
-from oobleck.worker.config import validate_model_config
 from oobleck.worker.data import make_dataset, make_example
 from oobleck.worker.models import ModelDef, per_sample_loss
 

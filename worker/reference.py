@@ -11,8 +11,8 @@ import functools
 
 import torch
 
+from oobleck.common.modelconfig import validate_model_config
 from oobleck.worker import optim
-from oobleck.worker.config import validate_model_config
 from oobleck.worker.data import DataPosition, GlobalOrder, make_dataset, make_example
 from oobleck.worker.models import ModelDef, SequentialModel, param_dtype, per_sample_loss
 

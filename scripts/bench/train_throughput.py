@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from oobleck.common.jobspec import DataSpec, JobSpec, ModelSpec, OptimizerSpec
+from oobleck.common.modelconfig import validate_model_config
 from oobleck.worker import optim
-from oobleck.worker.config import validate_model_config
 from oobleck.worker.data import DataPosition, GlobalOrder, make_dataset, make_example
 from oobleck.worker.layout import simple_plan
 from oobleck.worker.local import run_ranks, train_ranks

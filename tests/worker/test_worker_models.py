@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from oobleck.common.jobspec import DataSpec, JobSpec, ModelSpec
+from oobleck.common.modelconfig import parse_model_config, validate_model_config
 from oobleck.common.validate import ConfigError
-from oobleck.worker.config import parse_model_config, validate_model_config
 from oobleck.worker.models import ModelDef, SequentialModel
 
 
@@ -86,7 +86,7 @@ def test_validation_imports_no_torch() -> None:
     code = (
         "import sys\n"
         "from oobleck.common.jobspec import DataSpec, JobSpec, ModelSpec\n"
-        "from oobleck.worker import validate_model_config\n"
+        "from oobleck.common.modelconfig import validate_model_config\n"
         "spec = JobSpec(model=ModelSpec('hf-gpt2', {}), data=DataSpec(seq_len=8), global_batch_size=2,\n"
         "               microbatch_size=1, steps=1)\n"
         "assert validate_model_config(spec).tie_embeddings\n"
