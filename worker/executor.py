@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from oobleck.worker import schedule as S
+from oobleck.worker.failures import PeerGone, communicating
 from oobleck.worker.layout import RankAssignment, lane_range, transfers
 from oobleck.worker.models import per_sample_loss
 
 
-class TransferFailed(RuntimeError):
+class TransferFailed(PeerGone):
     """A point-to-point transfer with a neighbouring stage failed: the process group is unusable."""
 
 
@@ -187,10 +188,7 @@ class StageExecutor:
         return loss_sum
 
 
-@contextlib.contextmanager
 def _comm(what: str):
-    """Turn a torch.distributed error of a point-to-point ``what`` into :class:`TransferFailed`."""
-    try:
-        yield
-    except RuntimeError as exc:  # gloo/NCCL errors (DistError and its kinds are RuntimeErrors)
-        raise TransferFailed(f"{what} with a neighbouring stage failed: {exc}") from exc
+    """Turn a torch.distributed error of a point-to-point ``what`` into :class:`TransferFailed`
+    (see :mod:`oobleck.worker.failures`)."""
+    return communicating(f"{what} with a neighbouring stage failed", TransferFailed)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from oobleck.worker.failures import communicating
+
 ParamKey = tuple[int, str]
 
 
@@ -80,11 +82,14 @@ class GradSync:
         kwargs = {"timeout": timeout} if timeout is not None else {}
         for ranks in where.holder_sets():
             # Every rank creates every group, in the same order (torch.distributed requires it).
-            group = dist.new_group(list(ranks), **kwargs)
+            with communicating(f"creating the gradient group of ranks {list(ranks)} failed"):
+                group = dist.new_group(list(ranks), **kwargs)
             if rank in ranks:
                 self.groups[ranks] = group
 
     def all_reduce(self, params: Mapping[ParamKey, nn.Parameter]) -> None:
+        """Sum the gradients of ``params`` among each key's holders (a failed all-reduce: a peer
+        is gone, :class:`~oobleck.worker.failures.PeerGone`)."""
         buckets: dict[tuple[int, ...], list[nn.Parameter]] = {}
         for key in sorted(params):
             ranks = self.where.holders_of(key)
@@ -96,7 +101,8 @@ class GradSync:
             ps = buckets[ranks]
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.groups[ranks])
+            with communicating("gradient sync failed"):
+                dist.all_reduce(flat, group=self.groups[ranks])
             offset = 0
             for p, g in zip(ps, grads, strict=True):
                 n = g.numel()

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from oobleck.worker.engine import CommFailed, DistInit, StepFailed, TrainingEngine
+from oobleck.worker.engine import TrainingEngine
+from oobleck.worker.rendezvous import DistInit
+from oobleck.worker.step import CommFailed, StepFailed
 
 _CTX: Any = None
 

@@ -11,9 +11,11 @@ from worker_testutil import STEPS, assert_matches_reference, assert_params_match
 
 from oobleck.common.jobspec import OptimizerSpec
 from oobleck.planner.types import Stage, Template
-from oobleck.worker.engine import DistInit, TrainingEngine
+from oobleck.worker.engine import TrainingEngine
+from oobleck.worker.failures import RendezvousAbandoned
 from oobleck.worker.layout import PipelineSpec, PlanSpec, simple_plan
 from oobleck.worker.local import RankFailed, reconfigure_ranks, run_ranks, train_ranks
+from oobleck.worker.rendezvous import DistInit
 
 PLANS = {
     "one-4-stage": ([[1, 1, 1, 1]], [8]),
@@ -188,20 +190,6 @@ def test_split_commit_is_reconciled_at_the_next_reconfiguration(uncommitted: set
     assert_params_match(spec, results[:3], steps=4)
 
 
-def test_choose_position_prefers_the_newest_complete_one() -> None:
-    from oobleck.worker.engine import choose_position
-
-    new, old = {"step": 5, "epoch": 0, "samples": 60}, {"step": 4, "epoch": 0, "samples": 48}
-    full_new = [{"layers": {0: 1, 1: 1}, "position": new}, {"layers": {0: 1, 1: 1}, "position": old}]
-    assert choose_position(full_new, 2) == new
-    half_new = [{"layers": {1: 1}, "position": new}, {"layers": {0: 1, 1: 1}, "position": old}]
-    assert choose_position(half_new, 2) == old
-    neither = [{"layers": {1: 1}, "position": new}, {"layers": {0: 1}, "position": old}]
-    assert choose_position(neither, 2) is None
-    one = [{"layers": {1: 1}, "position": new}, {"layers": {}, "position": None}]
-    assert choose_position(one, 2) == new  # a single position: missing layers are reported later
-
-
 @pytest.mark.slow
 def test_fp64_runs_stay_equal_to_the_reference_over_many_steps() -> None:
     """``precision: fp64`` (verification runs): 2 + 3 stages for 40 steps at a learning rate where
@@ -219,12 +207,16 @@ def test_fp64_runs_stay_equal_to_the_reference_over_many_steps() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("voted", [{2: "voted", 3: "voted"}, {0: "voted", 1: "voted"}, {2: "voted"}])
+@pytest.mark.parametrize(
+    "voted", [{2: "voted", 3: "voted"}, {0: "voted", 1: "voted"}, {2: "voted"}, {0: "lost", 2: "voted"}]
+)
 def test_split_vote_is_rolled_forward_by_ranks_that_kept_their_gradients(voted: dict[int, str]) -> None:
     """The commit vote of step 2 fails on some ranks after every gradient all-reduce (a peer died
     as it completed): those ranks keep their gradients, and at the next reconfiguration they apply
     the step with the global norm the committed ranks report. Nothing is redone, whichever ranks
-    (even half a pipeline) committed; the run equals the reference."""
+    (even half a pipeline) committed; the run equals the reference. With a rank that kept nothing
+    of the step (``lost``) the positions are split too: the rolled-forward rank's layers count as
+    carried at step 2 (it is the copy source for the rank that lost the step)."""
     spec = tiny_spec("gpt", steps=4)
     gens = [
         (simple_plan([[2, 2], [2, 2]], [3, 5]), 2, {0: 0, 1: 1, 2: 2, 3: 3}, voted),
@@ -245,8 +237,6 @@ def test_rendezvous_gives_up_when_the_generation_is_superseded() -> None:
     else is waiting it keeps waiting; once a newer command is (``interrupt`` says so) it gives
     up at once instead of at the rendezvous timeout, and a later generation can be joined."""
     import time
-
-    from oobleck.worker.engine import RendezvousAbandoned
 
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
     spec = tiny_spec("gpt")
@@ -275,8 +265,6 @@ def test_unreachable_rendezvous_store_is_given_up_when_superseded() -> None:
     short attempts and given up once a newer command is waiting."""
     import socket
     import time
-
-    from oobleck.worker.engine import RendezvousAbandoned
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from oobleck.worker.engine import DistInit
 from oobleck.worker.gradsync import GradSync, local_params, placement
+from oobleck.worker.rendezvous import DistInit
 
 
 def test_tied_weight_has_the_union_of_first_and_last_holders() -> None:

@@ -12,9 +12,10 @@ import pytest
 import torch.distributed as dist
 
 from oobleck.protos.v1 import plan_pb2
-from oobleck.worker.engine import DistInit, RendezvousTampered, SecretKeyStore, _make_store
 from oobleck.worker.layout import PlanError
 from oobleck.worker.planmsg import dist_init_from_proto
+from oobleck.worker.rendezvous import DistInit
+from oobleck.worker.store import RendezvousTampered, SecretKeyStore, make_store
 
 SECRET = "5e" * 16
 
@@ -94,8 +95,8 @@ def test_a_store_no_one_holds_is_refused_by_torch() -> None:
 
 def test_make_store_uses_the_secret_and_keeps_the_old_prefix_without_one() -> None:
     raw = dist.HashStore()
-    assert isinstance(_make_store(DistInit(store=raw, secret=SECRET), 1, 2), SecretKeyStore)
-    plain = _make_store(DistInit(store=raw), 1, 2)
+    assert isinstance(make_store(DistInit(store=raw, secret=SECRET), 1, 2), SecretKeyStore)
+    plain = make_store(DistInit(store=raw), 1, 2)
     plain.set("k", "v")
     assert raw.list_keys() == ["oobleck/gen2//k"]  # PrefixStore adds its own "/"
 

@@ -9,9 +9,11 @@ import pytest
 import torch.distributed as dist
 from worker_testutil import tiny_spec
 
-from oobleck.worker.engine import CommFailed, DistInit, TrainingEngine
+from oobleck.worker.engine import TrainingEngine
 from oobleck.worker.executor import TransferFailed, _comm
 from oobleck.worker.layout import simple_plan
+from oobleck.worker.rendezvous import DistInit
+from oobleck.worker.step import CommFailed
 
 
 def test_comm_errors_become_transfer_failed() -> None:
