@@ -39,8 +39,8 @@ pure plan -> per-rank layers function (:class:`RankAssignment`).
 ``plan_from_proto(plan_msg) -> PlanSpec`` and ``dist_init_from_proto(plan_msg, backend) ->
 DistInit``: the ``oobleck.v1.Plan`` message a worker receives, converted at the edge.
 
-``validate_model_config(spec) -> ModelConfig``: checks ``model.config`` (and its fit with
-``data``) at submit time; errors are ``ConfigError`` naming ``model.config.<key>``.
+``PeerGone``: the one exception that means "a peer is gone" (leave the generation, wait for
+the next); anything else a worker raises is a bug and ends it.
 
 ``cached_profile(spec, cache_dir, device="cpu")`` / ``profile_model(spec, device)``: the
 ``oobleck-profile/1`` JSON the planner reads.
@@ -48,19 +48,30 @@ DistInit``: the ``oobleck.v1.Plan`` message a worker receives, converted at the 
 ``run_ranks(world_size, target, args)`` with ``train_ranks`` / ``reconfigure_ranks``: run a plan's
 ranks (or several generations) as local processes.
 
-Modules: ``config`` (model.config keys, no torch), ``models`` (layers), ``layout`` (plan ->
-ranks), ``data`` (datasets, global order), ``schedule`` (1F1B, GPipe op lists), ``executor``
-(follows an op list), ``gradsync`` (holder-set groups, all-reduce, norms), ``optim``,
-``checkpoint``, ``profiler``, ``reference`` (single-process loop), ``local`` (multi-process
-runner), ``planmsg`` (proto -> plan), ``engine``.
+Model settings (``model.config`` validation, no torch) are :mod:`oobleck.common.modelconfig`;
+the names shared with the agent are :mod:`oobleck.common.worker_link`.
+
+Modules (docs/worker.md describes how they fit together):
+
+- the process and its loop: ``main`` (entry point, failure reports), ``run`` (the loop across
+  generations), ``commands`` (the agent's commands as dataclasses), ``agent_link`` (the channel
+  to the agent), ``planmsg`` (Plan message -> dataclasses), ``settings`` (``OOBLECK_*``),
+  ``drills`` (the hold file), ``restore`` (restoring from the newest common checkpoint);
+- the engine: ``engine`` (one rank across generations), ``rendezvous`` and ``store`` (joining a
+  generation's process group), ``step`` (a step and its commit vote), ``exchange`` (the pure
+  exchange plan: position, roll-forward, copies), ``transfers`` (the copies), ``layerstate``
+  (a layer's state as CPU tensors), ``checkpoint`` (saving, loading), ``failures`` (peer gone
+  or bug);
+- training pieces: ``models`` (layers), ``layout`` (plan -> ranks), ``data`` (datasets, global
+  order), ``schedule`` (1F1B, GPipe op lists), ``executor`` (follows an op list), ``gradsync``
+  (holder-set groups, all-reduce, norms), ``optim``;
+- tools: ``profiler``, ``reference`` (single-process loop), ``local`` (multi-process runner).
 
 Simplifications (documented where they are made): a stage on ``g > 1`` GPUs runs data parallel
 inside the stage (each GPU a contiguous share of every microbatch; parameters replicated, not
 sharded); the backward is not split into input- and weight-gradient parts; a failure inside the
 pipeline phase of a step may leave peers waiting on a receive until the process-group timeout
-(``DistInit.timeout_s``); the engine derives the layer copies of a reconfiguration itself from
-which process carries which layer (the planner's greedy rule, per rank) rather than taking the
-master's node-level copy plan.
+(``DistInit.timeout_s``).
 """
 
 from __future__ import annotations
@@ -69,26 +80,28 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "TrainingEngine": "engine",
-    "StepResult": "engine",
-    "StepFailed": "engine",
-    "LayersLost": "engine",
-    "DistInit": "engine",
-    "PlanSpec": "layout",
-    "PipelineSpec": "layout",
-    "RankAssignment": "layout",
-    "assign_ranks": "layout",
-    "simple_plan": "layout",
-    "plan_from_proto": "planmsg",
-    "dist_init_from_proto": "planmsg",
-    "DataPosition": "data",
-    "ModelConfig": "config",
-    "validate_model_config": "config",
-    "cached_profile": "profiler",
-    "profile_model": "profiler",
-    "run_ranks": "local",
-    "train_ranks": "local",
-    "reconfigure_ranks": "local",
+    "TrainingEngine": "oobleck.worker.engine",
+    "StepResult": "oobleck.worker.step",
+    "StepFailed": "oobleck.worker.step",
+    "CommFailed": "oobleck.worker.step",
+    "PeerGone": "oobleck.worker.failures",
+    "LayersLost": "oobleck.worker.exchange",
+    "DistInit": "oobleck.worker.rendezvous",
+    "PlanSpec": "oobleck.worker.layout",
+    "PipelineSpec": "oobleck.worker.layout",
+    "RankAssignment": "oobleck.worker.layout",
+    "assign_ranks": "oobleck.worker.layout",
+    "simple_plan": "oobleck.worker.layout",
+    "plan_from_proto": "oobleck.worker.planmsg",
+    "dist_init_from_proto": "oobleck.worker.planmsg",
+    "DataPosition": "oobleck.worker.data",
+    "ModelConfig": "oobleck.common.modelconfig",
+    "validate_model_config": "oobleck.common.modelconfig",
+    "cached_profile": "oobleck.worker.profiler",
+    "profile_model": "oobleck.worker.profiler",
+    "run_ranks": "oobleck.worker.local",
+    "train_ranks": "oobleck.worker.local",
+    "reconfigure_ranks": "oobleck.worker.local",
 }
 
 __all__ = list(_EXPORTS)
@@ -98,4 +111,4 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'oobleck.worker' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"oobleck.worker.{module}"), name)
+    return getattr(importlib.import_module(module), name)

@@ -6,114 +6,56 @@ worker attaches to the agent first (before importing torch, so the liveness hear
 once), waits for ``Start``, trains, applies ``Reconfigure`` commands and exits 0 after the last
 step or on ``Stop``. The loop itself is :mod:`oobleck.worker.run`.
 
-Tuning, from the environment (all optional):
-
-- ``OOBLECK_TORCH_THREADS``: intra-op threads per worker on CPU (default 1: one worker per slot,
-  and slots share the machine's cores; ``default`` leaves torch's own choice).
-- ``OOBLECK_WORKER_DEVICE``: ``auto`` (default: ``cuda:<slot>`` with NCCL when CUDA is
-  available, else CPU with gloo), ``cpu`` or ``cuda``.
-- ``OOBLECK_COLLECTIVE_TIMEOUT_S``: rendezvous and collective timeout (default 300).
-- ``OOBLECK_RECONFIGURE_WAIT_S``: how long a worker whose step failed on a communication error
-  waits for the agent's ``Reconfigure`` before giving up (default 600).
-- ``OOBLECK_START_WAIT_S``: how long to wait for ``Start`` after attaching (default 600).
-- ``OOBLECK_STEP_RETRIES``: consecutive retries of a step that every rank voted failed
-  (a local error on some rank, the process group intact) before giving up (default 2).
-- ``OOBLECK_WORKER_HOLD_FILE``: a path for fault drills and tests. While that file exists and
-  its words include ``step`` (or it is empty), the worker starts no new step (it keeps applying
-  commands); ``step@N`` does the same once N steps are done (training runs up to step N and
-  holds there); while they include ``copy``, a reconfiguration waits after joining the new process
-  group, before the layer copy. Deleting the file (or rewriting it) lets the worker go on. This
-  makes "the cluster changes between these two steps" or "a node dies while layers are being
-  copied" reproducible. Unset (the default): nothing is checked.
+Settings come from ``OOBLECK_*`` variables (:mod:`oobleck.worker.settings`; the drills' hold
+file: :mod:`oobleck.worker.drills`).
 
 Exit status: 0 (finished, or stopped by the agent's ``Stop``), 1 (failed; the agent was told
-with a fatal error), 2 (bad environment or no agent to attach to), 75 (the agent went away, see
-``agent_link``), 143 (SIGTERM: the engine is closed first; a second SIGTERM ends at once).
+with a fatal error: :func:`failure_report`), 2 (bad environment or no agent to attach to), 75
+(the agent went away, see ``agent_link``), 143 (SIGTERM: the engine is closed first; a second
+SIGTERM ends at once).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import traceback
+from collections.abc import Sequence
 
 from oobleck.common.logs import setup_logging
 from oobleck.common.validate import ConfigError
 from oobleck.common.version import version
 from oobleck.worker.agent_link import AgentLink, AgentLinkError
+from oobleck.worker.failures import WorkerError
+from oobleck.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-ENV_TORCH_THREADS = "OOBLECK_TORCH_THREADS"
-ENV_DEVICE = "OOBLECK_WORKER_DEVICE"
-ENV_COLLECTIVE_TIMEOUT_S = "OOBLECK_COLLECTIVE_TIMEOUT_S"
-ENV_RECONFIGURE_WAIT_S = "OOBLECK_RECONFIGURE_WAIT_S"
-ENV_START_WAIT_S = "OOBLECK_START_WAIT_S"
-ENV_STEP_RETRIES = "OOBLECK_STEP_RETRIES"
-ENV_HOLD_FILE = "OOBLECK_WORKER_HOLD_FILE"
-
-DEVICES = ("auto", "cpu", "cuda")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TERMINATED = 128 + signal.SIGTERM  # stopped by SIGTERM: not a finished job
+REPORT_CHARS = 4000  # the agent keeps this much of an error message
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Per-process tuning of a worker (from ``OOBLECK_*`` variables, see the module docstring)."""
-
-    torch_threads: int | None = 1  # None: leave torch's default
-    device: str = "auto"
-    collective_timeout_s: float = 300.0
-    reconfigure_wait_s: float = 600.0
-    start_wait_s: float = 600.0
-    step_retries: int = 2
-    hold_file: str | None = None  # fault drills: see OOBLECK_WORKER_HOLD_FILE
-
-    def __post_init__(self) -> None:
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError(f"{ENV_TORCH_THREADS}: must be >= 1, got {self.torch_threads}")
-        if self.device not in DEVICES:
-            raise ValueError(f"{ENV_DEVICE}: must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name, value in (
-            (ENV_COLLECTIVE_TIMEOUT_S, self.collective_timeout_s),
-            (ENV_RECONFIGURE_WAIT_S, self.reconfigure_wait_s),
-            (ENV_START_WAIT_S, self.start_wait_s),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name}: must be > 0, got {value}")
-        if self.step_retries < 0:
-            raise ValueError(f"{ENV_STEP_RETRIES}: must be >= 0, got {self.step_retries}")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
-        env = os.environ if environ is None else environ
-
-        def number(name: str, kind, default):
-            text = env.get(name, "").strip()
-            if not text:
-                return default
-            try:
-                return kind(text)
-            except ValueError:
-                raise ValueError(f"{name}: expected {kind.__name__}, got {text!r}") from None
-
-        threads_text = env.get(ENV_TORCH_THREADS, "").strip().lower()
-        threads = None if threads_text == "default" else number(ENV_TORCH_THREADS, int, 1)
-        return cls(
-            torch_threads=threads,
-            device=env.get(ENV_DEVICE, "auto").strip().lower() or "auto",
-            collective_timeout_s=number(ENV_COLLECTIVE_TIMEOUT_S, float, cls.collective_timeout_s),
-            reconfigure_wait_s=number(ENV_RECONFIGURE_WAIT_S, float, cls.reconfigure_wait_s),
-            start_wait_s=number(ENV_START_WAIT_S, float, cls.start_wait_s),
-            step_retries=number(ENV_STEP_RETRIES, int, cls.step_retries),
-            hold_file=env.get(ENV_HOLD_FILE, "").strip() or None,
-        )
+def failure_report(exc: BaseException, limit: int = REPORT_CHARS) -> str:
+    """What the agent is told when the worker fails: ``Type: message``, and for an unexpected
+    exception (a bug: not a :class:`WorkerError` or a bad job spec) its traceback (without the
+    message again), whose oldest frames are dropped first to keep it within ``limit``
+    characters."""
+    summary = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (WorkerError, ConfigError)):
+        return summary[:limit]
+    trace = "".join(traceback.format_exception(exc)).rstrip()
+    trace = trace.removesuffix(summary).rstrip()
+    room = limit - len(summary) - 1
+    if room <= 0:
+        return summary[:limit]
+    if len(trace) > room:
+        trace = "..." + trace[-(room - 3) :]
+    return f"{summary}\n{trace}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             "An Oobleck training worker. Started by oobleck-agent (one per GPU or CPU slot), which "
             "passes the job and plan over its local channel; not meant to be run by hand."
         ),
-        epilog="Environment: see the oobleck.worker.main module docstring.",
+        epilog="Environment: see the oobleck.worker.settings module docstring.",
     )
     parser.add_argument("--version", action="version", version=f"oobleck-worker {version()}")
     return parser
@@ -163,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             log.exception("generation %d: worker failed", generation)
         try:
-            link.report_error(generation, f"{type(exc).__name__}: {exc}", fatal=True)
+            link.report_error(generation, failure_report(exc), fatal=True)
         except AgentLinkError as report_exc:
             log.warning("could not report the failure to the agent: %s", report_exc)
         code = EXIT_FAILED

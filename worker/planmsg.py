@@ -1,11 +1,16 @@
-"""Conversion of the ``oobleck.v1.Plan`` message a worker receives into engine inputs.
+"""Conversion of the ``oobleck.v1.Plan`` message a worker receives into worker dataclasses.
 
-Protobuf types stop here: the engine works on :class:`~oobleck.worker.layout.PlanSpec` and
-:class:`~oobleck.worker.engine.DistInit` (imported lazily: this module does not import torch).
+Protobuf types stop here: the worker loop works on :class:`GenerationPlan` (a
+:class:`~oobleck.worker.layout.PlanSpec`, the rendezvous :class:`Endpoint`, where to resume and
+whether to restore), the engine on :class:`~oobleck.worker.layout.PlanSpec` and
+:class:`~oobleck.worker.rendezvous.DistInit` (imported lazily: this module does not import
+torch). The plan's ``copies`` field is not read: workers decide the layer copies themselves
+(docs/worker.md, "Layer copies on reconfiguration").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from oobleck.planner.types import Stage, Template
@@ -46,11 +51,37 @@ def plan_from_proto(msg: Any) -> PlanSpec:
 MIN_SECRET_CHARS = 32
 
 
-def dist_init_from_proto(msg: Any, backend: str = "gloo", timeout_s: float = 300.0):
-    """The :class:`DistInit` for the plan's rendezvous endpoint (a TCPStore hosted by an agent)
-    and its secret (never quoted in an error)."""
-    from oobleck.worker.engine import DistInit
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a generation's ranks meet: the TCPStore an agent hosts, and the plan's secret."""
 
+    host: str
+    port: int
+    secret: str = field(default="", repr=False)  # never in a repr, a log line or an error
+
+    def dist_init(self, backend: str = "gloo", timeout_s: float = 300.0):
+        """The :class:`~oobleck.worker.rendezvous.DistInit` that joins this endpoint."""
+        from oobleck.worker.rendezvous import DistInit
+
+        return DistInit(backend=backend, host=self.host, port=self.port, timeout_s=timeout_s, secret=self.secret)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A generation's plan as the worker loop needs it."""
+
+    plan: PlanSpec
+    rendezvous: Endpoint
+    resume_step: int = 0  # the step the master expects training to resume from
+    restore_from_checkpoint: bool = False  # some layer has no surviving copy: restore every layer
+
+    @property
+    def generation(self) -> int:
+        return self.plan.generation
+
+
+def endpoint_from_proto(msg: Any) -> Endpoint:
+    """The plan's rendezvous endpoint and its secret (never quoted in an error)."""
     endpoint = msg.rendezvous
     if not endpoint.host or not endpoint.port:
         raise PlanError("rendezvous: host and port required")
@@ -58,6 +89,20 @@ def dist_init_from_proto(msg: Any, backend: str = "gloo", timeout_s: float = 300
         raise PlanError(
             f"rendezvous.secret: must be at least {MIN_SECRET_CHARS} characters, got {len(endpoint.secret)}"
         )
-    return DistInit(
-        backend=backend, host=endpoint.host, port=endpoint.port, timeout_s=timeout_s, secret=endpoint.secret
+    return Endpoint(host=endpoint.host, port=endpoint.port, secret=endpoint.secret)
+
+
+def generation_plan_from_proto(msg: Any) -> GenerationPlan:
+    """``msg``: an ``oobleck.protos.v1.plan_pb2.Plan``."""
+    return GenerationPlan(
+        plan=plan_from_proto(msg),
+        rendezvous=endpoint_from_proto(msg),
+        resume_step=msg.resume_step,
+        restore_from_checkpoint=bool(msg.restore_from_checkpoint),
     )
+
+
+def dist_init_from_proto(msg: Any, backend: str = "gloo", timeout_s: float = 300.0):
+    """The :class:`~oobleck.worker.rendezvous.DistInit` for the plan's rendezvous endpoint (a
+    TCPStore hosted by an agent) and its secret (never quoted in an error)."""
+    return endpoint_from_proto(msg).dist_init(backend, timeout_s)

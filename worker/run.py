@@ -1,59 +1,21 @@
 """The worker's loop across generations: start, train, reconfigure, finish.
 
-:class:`Worker` drives one :class:`~oobleck.worker.engine.TrainingEngine` from the commands of
-the agent (:class:`~oobleck.worker.agent_link.AgentLink`); :mod:`oobleck.worker.main` owns the
-process (logging, the link, closing). Behaviour:
+:class:`Worker` drives one :class:`~oobleck.worker.engine.TrainingEngine` from the agent's
+commands (dataclasses from :class:`~oobleck.worker.commands.Inbox`) and reports to the agent
+through its :class:`~oobleck.worker.agent_link.AgentLink`; :mod:`oobleck.worker.main` owns the
+process (logging, the link, closing). What it does in each case (start, steps, reconfiguration,
+a peer gone, a bug, the end) is described in docs/worker.md. In short:
 
-- ``start``: parse the job spec, convert the plan, take the rank of (node, slot) -- slot ``i``
-  of a node holds the ``i``-th rank listed for that node -- join the generation's rendezvous
-  (the agent's TCPStore; the generation's keys are derived from the plan's rendezvous secret and
-  its values tagged with it: :class:`~oobleck.worker.engine.SecretKeyStore`), build the engine
-  and, when the plan says ``restore_from_checkpoint``, load the job's latest checkpoint. Then
-  ``report_ready``.
-- Training runs from the engine's committed step up to ``spec.steps``. After each step every
-  worker reports it (the agent forwards the lowest slot's), logs one line, and checkpoints every
-  ``checkpoint.interval_steps`` (in the background: only the copy to host memory stalls).
-  Commands are polled between steps.
-- ``reconfigure`` with a newer generation: :meth:`TrainingEngine.reconfigure` (new process
-  group, new rank, layer copies), then ``report_ready(regroup_s, copy_s)``. The engine's
-  committed step is authoritative; a different ``resume_step`` in the plan is logged.
-  A plan without this worker: the engine is closed and the worker waits for ``stop`` (the agent
-  stops such workers).
-- A step that fails on a communication error (a peer died: gloo raises when its socket closes,
-  or the collective timeout expires; the engine raises :class:`~oobleck.worker.engine.CommFailed` or the error itself)
-  is not committed anywhere; the worker leaves the process group at once
-  (:meth:`TrainingEngine.abandon`: gloo closes a group's connections only once nothing refers
-  to it, so this is done outside the ``except`` block, whose traceback would keep it alive),
-  which makes peers blocked on this rank fail too, and waits up to ``reconfigure_wait_s`` for
-  the reconfiguration. A failure while reconfiguring is handled the same way (the next
-  generation is awaited). A step every rank voted failed (a local error, group intact) is
-  retried up to ``step_retries`` times in a row.
-- A generation superseded while its rendezvous runs (a rank, or the agent hosting the store,
-  died before everyone arrived): the worker waits for the other ranks and connects to the
-  store in short polls, and gives up as soon as the agent has a newer command
-  (:class:`~oobleck.worker.engine.RendezvousAbandoned`), instead of at the rendezvous timeout.
-- Known limit: a peer that freezes without dying (a whole node stopped: its sockets stay open)
-  blocks the survivors' transfers with it until the collective timeout
-  (``OOBLECK_COLLECTIVE_TIMEOUT_S``), even once the master has sent the next generation. gloo
-  offers no way out: a point-to-point ``Work.wait(timeout)`` fails the receive itself, aborting a
-  gloo group does not wake a blocked operation, and destroying it waits for that operation. A
-  frozen *worker* is caught by its agent's liveness probe and killed, which unblocks everyone.
-- A reconfiguration that finds layers without any surviving copy (:class:`LayersLost`) is only
-  accepted with ``restore_from_checkpoint``: every rank then loads the newest checkpoint that all
-  ranks see complete. Without a checkpoint, a job still at step 0 starts fresh; otherwise the
-  worker fails.
-- After the last step: the final checkpoint (if configured) is written completely, then the
-  last step is reported (so the master never stops a worker in the middle of it), and
-  :meth:`run` returns 0. ``stop`` returns 0 at once (between steps).
-
-Split commits: the commit vote is one all-reduce, so a peer dying exactly while it completes
-can leave some ranks past the step and others not. A rank whose vote failed after all its
-gradient all-reduces keeps its gradients; at the next reconfiguration it applies the step with
-the global gradient norm the committed ranks report (the engine's roll-forward), so nothing is
-redone. Ranks without such gradients fall back on
-:func:`~oobleck.worker.engine.choose_position`: the newest position at which every layer is
-still carried wins and stale layers are copied again; when no position has every layer the
-ranks report the layers lost and the job restores from its checkpoint.
+- Training runs from the engine's committed step up to ``spec.steps``; after each step every
+  worker reports it, logs one line, and checkpoints every ``checkpoint.interval_steps`` (in the
+  background). Commands are applied between steps.
+- A :class:`~oobleck.worker.failures.PeerGone` (a step, reconfiguration, restore or final
+  checkpoint that failed communicating with peers) leaves the process group at once and waits up
+  to ``reconfigure_wait_s`` for the next generation. A step every rank voted failed is retried
+  up to ``step_retries`` times. Any other exception is a bug: it ends the worker (exit 1, the
+  agent is told with the traceback).
+- ``stop`` returns 0 (between steps); after the last step the final checkpoint is written, the
+  last step reported and :meth:`Worker.run` returns 0.
 """
 
 from __future__ import annotations
@@ -61,28 +23,24 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from oobleck.common.jobspec import JobSpec, parse_job_spec
 from oobleck.worker import checkpoint as ckpt
-from oobleck.worker.agent_link import RECONFIGURE, START, STOP, AgentLink, AgentLinkError, WorkerCommand
-from oobleck.worker.engine import LayersLost, StepFailed, StepResult, TrainingEngine
+from oobleck.worker.agent_link import AgentLink, AgentLinkError
+from oobleck.worker.commands import RECONFIGURE, START, STOP, Command, Inbox
+from oobleck.worker.drills import HOLD_POLL_S, HoldFile
+from oobleck.worker.engine import TrainingEngine
+from oobleck.worker.exchange import LayersLost
+from oobleck.worker.failures import PeerGone, WorkerError
 from oobleck.worker.layout import PlanSpec
-from oobleck.worker.main import ENV_DEVICE, WorkerSettings
-from oobleck.worker.planmsg import dist_init_from_proto, plan_from_proto
+from oobleck.worker.restore import restore_newest
+from oobleck.worker.settings import WorkerSettings, choose_device
+from oobleck.worker.step import StepFailed, StepResult
 
 log = logging.getLogger(__name__)
-
-
-HOLD_POLL_S = 0.05  # how often a held worker looks at its hold file (and waits for commands)
-
-
-class WorkerError(RuntimeError):
-    """The worker cannot go on (reported to the agent as a fatal error)."""
 
 
 class StopRequested(Exception):
@@ -100,39 +58,12 @@ def rank_of(plan: PlanSpec, node_id: int, slot: int) -> int | None:
     return ranks[slot]
 
 
-def choose_device(setting: str, slot: int, cuda_devices: int) -> tuple[str, str]:
-    """``(device, backend)`` for a slot: ``cuda:<slot>`` with NCCL when CUDA is wanted or (with
-    ``auto``) available, else CPU with gloo."""
-    if setting == "cpu" or (setting == "auto" and cuda_devices == 0):
-        return "cpu", "gloo"
-    if cuda_devices == 0:
-        raise WorkerError(f"{ENV_DEVICE}={setting}: no CUDA device is visible")
-    if slot >= cuda_devices:
-        raise WorkerError(f"slot {slot}: only {cuda_devices} CUDA devices are visible (one per slot)")
-    return f"cuda:{slot}", "nccl"
-
-
-def restorable_steps(directory: str | None, job_id: str) -> list[int]:
-    """Steps of the complete checkpoints in ``directory`` that belong to job ``job_id`` (a
-    checkpoint or a plan without a job id matches any), newest first."""
-    if not directory:
-        return []
-    steps = []
-    for step in ckpt.complete_steps(directory):
-        try:
-            owner = ckpt.read_manifest(ckpt.step_dir(directory, step))[0].get("job_id") or ""
-        except ckpt.CheckpointError:
-            owner = ""  # unreadable: found corrupt (and set aside) when it is tried
-        if not (owner and job_id and owner != job_id):
-            steps.append(step)
-    return steps
-
-
 class Worker:
     """One worker's life: see the module docstring. ``run()`` returns the exit status."""
 
     def __init__(self, link: AgentLink, settings: WorkerSettings) -> None:
         self.link = link
+        self.inbox = Inbox(link)
         self.settings = settings
         self.slot = link.slot
         self.node_id = link.node_id
@@ -144,15 +75,15 @@ class Worker:
         self.device, self.backend = choose_device(settings.device, self.slot, cuda)
         if self.device == "cpu" and settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
+        self.hold = HoldFile(settings.hold_file, self._who)
         self._failed_in_a_row = 0
         self._last: tuple[StepResult, float] | None = None  # last step and its samples/s
-        self._holding: str | None = None  # where the worker is held by the hold file (logged once)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def run(self) -> int:
         try:
-            cmd = self.link.next_command(self.settings.start_wait_s)
+            cmd = self.inbox.next(self.settings.start_wait_s)
             if cmd is None:
                 raise WorkerError(f"no start command from the agent within {self.settings.start_wait_s:g}s")
             if cmd.kind == STOP:
@@ -161,7 +92,7 @@ class Worker:
                 raise WorkerError(f"expected a start command first, got {cmd.kind} (generation {cmd.generation})")
             self._start(cmd)
             while True:
-                cmd = self.link.poll_command()
+                cmd = self.inbox.poll()
                 if cmd is not None:
                     self._handle(cmd)
                 elif self.engine is None:
@@ -169,8 +100,8 @@ class Worker:
                 elif self.engine.position.step >= self.spec.steps:
                     if self._finish():
                         return 0
-                elif self._held("step", f"before step {self.engine.position.step + 1}"):
-                    cmd = self.link.next_command(HOLD_POLL_S)
+                elif self.hold.held("step", f"before step {self.engine.position.step + 1}", self.engine.position.step):
+                    cmd = self.inbox.next(HOLD_POLL_S)
                     if cmd is not None:
                         self._handle(cmd)
                 else:
@@ -185,39 +116,10 @@ class Worker:
         if engine is not None:
             engine.close()
 
-    def _held(self, point: str, where: str) -> bool:
-        """True while the drill's hold file exists and names ``point`` (``step`` or ``copy``; an
-        empty file means ``step``; ``step@N`` holds once N steps are done). See
-        ``OOBLECK_WORKER_HOLD_FILE``."""
-        path = self.settings.hold_file
-        held = False
-        if path is not None:
-            try:
-                points = Path(path).read_text().split() or ["step"]
-            except OSError:  # absent (or unreadable): not held
-                points = []
-            held = point in points
-            if point == "step" and not held and self.engine is not None:
-                done = self.engine.position.step
-                held = any(p.startswith("step@") and p[5:].isdigit() and done >= int(p[5:]) for p in points)
-        if not held:
-            if self._holding is not None:
-                log.info("%s: released (%s)", self._who(), self._holding)
-                self._holding = None
-            return False
-        if self._holding != where:
-            self._holding = where
-            log.info("%s: held %s by %s", self._who(), where, path)
-        return True
-
-    def _hold_before_copy(self) -> None:
-        while self._held("copy", f"before the layer copy of generation {self.generation}"):
-            time.sleep(HOLD_POLL_S)
-
     def _superseded(self) -> str | None:
         """Why a generation's rendezvous in progress should be given up: the agent already has a
         newer command (a rank died before arriving; the master moved on)."""
-        return "the agent has a newer command waiting" if self.link.has_command() else None
+        return "the agent has a newer command waiting" if self.inbox.waiting() else None
 
     def _who(self) -> str:
         rank = "-" if self.rank is None else self.rank
@@ -225,7 +127,7 @@ class Worker:
 
     # -- commands -------------------------------------------------------------------------------
 
-    def _handle(self, cmd: WorkerCommand) -> None:
+    def _handle(self, cmd: Command) -> None:
         """Apply a command received between steps."""
         if cmd.kind == STOP:
             raise StopRequested(cmd.reason or "stop")
@@ -246,7 +148,7 @@ class Worker:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WorkerError(f"{why}, and no reconfiguration arrived within {wait_s:g}s")
-            cmd = self.link.next_command(left)
+            cmd = self.inbox.next(left)
             if cmd is None:
                 continue
             if cmd.kind == STOP:
@@ -261,14 +163,14 @@ class Worker:
 
     # -- generations ----------------------------------------------------------------------------
 
-    def _start(self, cmd: WorkerCommand) -> None:
+    def _start(self, cmd: Command) -> None:
         self.spec = parse_job_spec(cmd.job_spec_yaml)
         if cmd.node_id:
             if self.node_id and cmd.node_id != self.node_id:
                 log.warning("start names node %d, the environment %d: using the start's", cmd.node_id, self.node_id)
             self.node_id = cmd.node_id
         self.generation = cmd.generation
-        plan = plan_from_proto(cmd.plan)
+        plan = cmd.plan.plan
         rank = rank_of(plan, self.node_id, self.slot)
         if rank is None:
             raise WorkerError(f"plan.ranks: node {self.node_id} is not in the plan of generation {cmd.generation}")
@@ -282,13 +184,13 @@ class Worker:
             self.device,
             self.backend,
         )
-        if not self._join(cmd, plan, rank):
+        if not self._join(cmd, rank):
             self._await_command(f"joining generation {cmd.generation} failed")
 
-    def _reconfigure(self, cmd: WorkerCommand) -> bool:
+    def _reconfigure(self, cmd: Command) -> bool:
         """Move to the generation of ``cmd``; False when it failed on a communication error (the
         process group is left, the caller waits for the next generation)."""
-        plan = plan_from_proto(cmd.plan)
+        plan = cmd.plan.plan
         rank = rank_of(plan, self.node_id, self.slot)
         old = self._who()
         self.generation = cmd.generation
@@ -300,20 +202,20 @@ class Worker:
                 self.close()
             return True
         if self.engine is None:
-            return self._join(cmd, plan, rank)
+            return self._join(cmd, rank)
         log.info("%s: reconfiguring to generation %d as rank %d of %d", old, cmd.generation, rank, plan.world_size)
-        init = dist_init_from_proto(cmd.plan, self.backend, self.settings.collective_timeout_s)
+        init = cmd.plan.rendezvous.dist_init(self.backend, self.settings.collective_timeout_s)
         t0 = time.perf_counter()
         try:
             phases: dict[str, float] | None = self.engine.reconfigure(
-                plan, rank, init, before_copy=self._hold_before_copy
+                plan, rank, init, before_copy=lambda: self.hold.wait_before_copy(self.generation)
             )
         except LayersLost as exc:
             if not cmd.plan.restore_from_checkpoint:
                 raise WorkerError(f"generation {cmd.generation}: {exc}, and the plan does not restore") from exc
             log.warning("%s: %s: restoring every layer from the checkpoint", old, exc)
             phases = {"regroup_s": time.perf_counter() - t0}
-        except RuntimeError as exc:
+        except PeerGone as exc:
             log.warning("%s: reconfiguration to generation %d failed: %s", old, cmd.generation, exc)
             phases = None
         if phases is None:  # outside the except block (see _step)
@@ -326,24 +228,24 @@ class Worker:
         self._ready(cmd, regroup_s=phases.get("regroup_s", 0.0), copy_s=phases.get("exchange_s", 0.0) + restore_s)
         return True
 
-    def _join(self, cmd: WorkerCommand, plan: PlanSpec, rank: int) -> bool:
-        """Build a new engine for ``plan`` (a fresh process, or one that left and is back);
-        layers carried by others are copied in by the constructor."""
-        init = dist_init_from_proto(cmd.plan, self.backend, self.settings.collective_timeout_s)
+    def _join(self, cmd: Command, rank: int) -> bool:
+        """Build a new engine for the plan of ``cmd`` (a fresh process, or one that left and is
+        back); layers carried by others are copied in by the constructor."""
+        init = cmd.plan.rendezvous.dist_init(self.backend, self.settings.collective_timeout_s)
         t0 = time.perf_counter()
         try:
             self.engine = TrainingEngine(
                 self.spec,
-                plan,
+                cmd.plan.plan,
                 rank,
                 init,
                 device=self.device,
                 interrupt=self._superseded,
-                restore=bool(cmd.plan.restore_from_checkpoint),
+                restore=cmd.plan.restore_from_checkpoint,
             )
         except LayersLost as exc:
             raise WorkerError(f"generation {cmd.generation}: a new process cannot restore lost layers: {exc}") from exc
-        except RuntimeError as exc:
+        except PeerGone as exc:
             log.warning("%s: joining generation %d failed: %s", self._who(), cmd.generation, exc)
             self.engine = None
         if self.engine is None:  # outside the except block (see _step)
@@ -359,18 +261,29 @@ class Worker:
         self._ready(cmd, regroup_s=regroup_s, copy_s=restore_s)
         return True
 
-    def _restore_or_leave(self, cmd: WorkerCommand) -> float | None:
-        """Restore when this generation must (see :meth:`_must_restore`); the seconds it took. A
-        restore that fails on a communication error leaves the generation *and drops the engine*:
-        its state may be half restored, so the process joins the next generation as a new one
-        (carrying nothing) rather than offering that state to its peers. None then."""
-        if not self._must_restore(cmd):
+    def _restore_or_leave(self, cmd: Command) -> float | None:
+        """Restore when this generation must: the plan says so, or no rank carried any training
+        state into it (every process is new: a generation that replaced a restoring one before
+        it restored, say); training never starts from scratch while the job has a checkpoint.
+        Returns the seconds it took. A restore that fails on a communication error leaves the
+        generation *and drops the engine*: its state may be half restored, so the process joins
+        the next generation as a new one (carrying nothing) rather than offering that state to
+        its peers. None then."""
+        if not (cmd.plan.restore_from_checkpoint or self.engine.fresh):
             return 0.0
+        t0 = time.perf_counter()
         try:
-            return self._restore(cmd)
-        except WorkerError:
-            raise
-        except RuntimeError as exc:
+            self._wait_checkpoint()
+            directory = self.spec.checkpoint.dir if self.spec.checkpoint is not None else None
+            restore_newest(
+                self.engine,
+                directory,
+                generation=cmd.generation,
+                required=cmd.plan.restore_from_checkpoint,
+                who=self._who(),
+            )
+            return time.perf_counter() - t0
+        except PeerGone as exc:
             log.warning("%s: restoring generation %d failed: %s", self._who(), cmd.generation, exc)
         engine, self.engine = self.engine, None  # outside the except block (see _step)
         engine.abandon()
@@ -378,56 +291,7 @@ class Worker:
         gc.collect()
         return None
 
-    def _restore(self, cmd: WorkerCommand) -> float:
-        """Collective: load the newest checkpoint of this job that every rank sees complete and
-        whose files all match its manifest. A corrupt one is reported, set aside (rank 0) and the
-        next older one tried. With no checkpoint at all, a job at step 0 starts fresh."""
-        engine, spec = self.engine, self.spec
-        t0 = time.perf_counter()
-        self._wait_checkpoint()
-        directory = spec.checkpoint.dir if spec.checkpoint is not None else None
-        world = dist.get_world_size()
-        seen: list[Any] = [None] * world
-        dist.all_gather_object(seen, restorable_steps(directory, engine.plan.job_id))
-        # A checkpoint being published right now may be visible to some ranks only.
-        common = sorted(set.intersection(*(set(s) for s in seen)), reverse=True)
-        tried = []
-        for step in common:
-            root = ckpt.step_dir(Path(directory), step)
-            try:
-                engine.load_checkpoint(root)
-                problem = None
-            except ckpt.CheckpointError as exc:
-                problem = (isinstance(exc, ckpt.CheckpointCorrupt), str(exc))
-            problems: list[Any] = [None] * world
-            dist.all_gather_object(problems, problem)
-            bad = [p for p in problems if p is not None]
-            if not bad:
-                log.info("%s: restored the checkpoint of step %d from %s", self._who(), step, directory)
-                return time.perf_counter() - t0
-            tried.append(f"{root.name}: {bad[0][1]}")
-            log.error("%s: checkpoint %s cannot be restored (%s): trying an older one", self._who(), root, bad[0][1])
-            if self.rank == 0 and any(corrupt for corrupt, _ in bad):
-                ckpt.quarantine(directory, root)
-        if tried:
-            raise WorkerError(f"generation {cmd.generation}: no checkpoint could be restored: {'; '.join(tried)}")
-        if engine.position.step != 0:
-            where = directory or "the job spec names no checkpoint directory"
-            raise WorkerError(
-                f"generation {cmd.generation}: the plan restores from a checkpoint, but there is none ({where})"
-            )
-        if cmd.plan.restore_from_checkpoint:
-            where = directory or "the job spec names no checkpoint directory"
-            log.warning("%s: no checkpoint to restore from (%s): starting from step 0", self._who(), where)
-        return time.perf_counter() - t0
-
-    def _must_restore(self, cmd: WorkerCommand) -> bool:
-        """The plan says so, or no rank carried any training state into this generation (every
-        process is new: a generation that replaced a restoring one before it restored, say).
-        Training never starts from scratch while the job has a checkpoint."""
-        return bool(cmd.plan.restore_from_checkpoint) or self.engine.fresh
-
-    def _ready(self, cmd: WorkerCommand, *, regroup_s: float, copy_s: float) -> None:
+    def _ready(self, cmd: Command, *, regroup_s: float, copy_s: float) -> None:
         step = self.engine.position.step
         if step != cmd.plan.resume_step:
             log.warning(
@@ -454,7 +318,7 @@ class Worker:
                 raise WorkerError(f"step {step + 1} failed {self._failed_in_a_row} times in a row: {exc}") from exc
             log.warning("%s: %s: retrying", self._who(), exc)
             return
-        except RuntimeError as exc:  # communication: a peer is gone (or the collective timed out)
+        except PeerGone as exc:  # a peer is gone (or the collective timed out)
             log.warning("%s: step %d abandoned: %s", self._who(), step + 1, exc)
             result = None
         if result is None:
@@ -492,9 +356,7 @@ class Worker:
             self._wait_checkpoint()
             try:
                 path = engine.save_checkpoint(spec.checkpoint.dir, wait=True)
-            except ckpt.CheckpointError:
-                raise
-            except RuntimeError as exc:
+            except PeerGone as exc:
                 log.warning("%s: final checkpoint failed: %s", self._who(), exc)
                 path = None
             if path is None:  # outside the except block (see _step)

@@ -178,7 +178,13 @@ class WorkerProcesses:
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
         self.logs: dict[tuple[int, int], Path] = {}
 
-    def spawn(self, agent: FakeNodeAgent, slot: int, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    def spawn(
+        self,
+        agent: FakeNodeAgent,
+        slot: int,
+        env: Mapping[str, str] | None = None,
+        argv: Sequence[str] = (sys.executable, "-m", "oobleck.worker"),
+    ) -> subprocess.Popen:
         full = dict(os.environ)
         full.update(
             {
@@ -198,7 +204,7 @@ class WorkerProcesses:
         log_path = self.work_dir / f"worker-{agent.node_id}-{slot}.log"
         with log_path.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "oobleck.worker"],
+                list(argv),
                 env=full,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -328,3 +328,29 @@ def test_layers_lost_restores_from_the_checkpoint(tmp_path, store_port, agents, 
     gen2_reports = [r for r in agent.steps_of(0) if r.generation == 2]
     assert_losses_match(spec, gen2_reports, first_step=restored + 1)
     assert_checkpoint_matches_reference(spec, steps)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_bug_in_a_step_fails_the_worker_at_once_with_its_traceback(tmp_path, store_port, agents, workers) -> None:
+    """A ``RuntimeError`` that no communication raised (an injected bug: the learning-rate
+    schedule raises after the commit vote of step 2) is not a peer gone: the worker does not
+    leave the group to wait for a reconfiguration (the wait is 600 s here), it exits 1 at once
+    and tells its agent, with the traceback."""
+    spec = job_spec(tmp_path / "ckpt")
+    node = agents(11)
+    plan = plan_message(1, [((11,), 8)], ONE_NODE_ONE_STAGE, {11: [0]}, store_port)
+    env = {"OOBLECK_RECONFIGURE_WAIT_S": "600", "OOBLECK_TEST_BUG_AT_STEP": "1"}
+    workers.spawn(node, 0, env=env, argv=[sys.executable, str(Path(__file__).with_name("buggy_worker.py"))])
+    node.start_command(0, 1, plan, spec.to_yaml())
+    node.wait_for(lambda: len(node.steps) >= 1, 60, "step 1")
+    t0 = time.monotonic()
+    assert workers.wait(11, 0, timeout_s=30) == 1, workers.all_logs()
+    assert time.monotonic() - t0 < 30
+    assert [r.step for r in node.steps] == [1]
+    [error] = node.errors
+    assert error.fatal and error.generation == 1
+    assert error.message.startswith("RuntimeError: injected bug at step 2\nTraceback (most recent call last):")
+    assert "in lr_at" in error.message and "step.py" in error.message, error.message
+    log = workers.log(11)
+    assert "abandoned" not in log and "waiting up to" not in log, log

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from oobleck.common.validate import ConfigError
 from oobleck.planner.types import Stage, Template
+from oobleck.worker.failures import WorkerError
 from oobleck.worker.layout import PipelineSpec, PlanSpec
-from oobleck.worker.main import WorkerSettings
-from oobleck.worker.run import WorkerError, choose_device, rank_of
+from oobleck.worker.main import failure_report
+from oobleck.worker.run import rank_of
+from oobleck.worker.settings import WorkerSettings, choose_device
 
 
 def two_slot_plan() -> PlanSpec:
@@ -74,3 +77,28 @@ def test_settings_errors_name_the_variable(env, message) -> None:
     with pytest.raises(ValueError) as info:
         WorkerSettings.from_env(env)
     assert str(info.value) == message
+
+
+def _raised(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
+
+
+def test_failure_report_carries_the_traceback_of_a_bug_only() -> None:
+    bug = _raised(RuntimeError("boom"))
+    report = failure_report(bug)
+    assert report.startswith("RuntimeError: boom\nTraceback (most recent call last):")
+    assert report.endswith("raise exc") and report.count("boom") == 1  # innermost frame last
+    assert failure_report(_raised(WorkerError("no start command"))) == "WorkerError: no start command"
+    assert failure_report(_raised(ConfigError("model.name", "bad"))).startswith("ConfigError: ")
+    deep = _raised(RuntimeError("x" * 3000))
+    short = failure_report(deep, limit=3500)
+    assert len(short) <= 3500 and short.startswith("RuntimeError: xxx") and short.endswith("raise exc")
+    frames = [_raised(RuntimeError("deep"))]
+    for _ in range(200):  # a long chain of causes: the oldest part of the trace goes first
+        frames.append(_raised(RuntimeError("again")))
+        frames[-1].__cause__ = frames[-2]
+    long = failure_report(frames[-1], limit=1000)
+    assert len(long) <= 1000 and long.startswith("RuntimeError: again\n...") and long.endswith("raise exc")

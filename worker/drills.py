@@ -1,0 +1,56 @@
+"""Fault drills: the hold file (``OOBLECK_WORKER_HOLD_FILE``) that pauses a worker at a point.
+
+While that file exists and its words include ``step`` (or it is empty), the worker starts no new
+step (it keeps applying commands); ``step@N`` does the same once N steps are done (training runs
+up to step N and holds there); while they include ``copy``, a reconfiguration waits after joining
+the new process group, before the layer copy. Deleting the file (or rewriting it) lets the worker
+go on. This makes "the cluster changes between these two steps" or "a node dies while layers are
+being copied" reproducible. Unset (the default): nothing is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HOLD_POLL_S = 0.05  # how often a held worker looks at its hold file (and waits for commands)
+
+
+class HoldFile:
+    """The drill's hold file of one worker (``path`` None: never held). ``who()`` names the
+    worker in the log lines that say when it is held and released."""
+
+    def __init__(self, path: str | None, who: Callable[[], str]) -> None:
+        self.path = path
+        self._who = who
+        self._holding: str | None = None  # where the worker is held (logged once)
+
+    def held(self, point: str, where: str, done_steps: int | None = None) -> bool:
+        """True while the file exists and names ``point`` (``step`` or ``copy``; an empty file
+        means ``step``; ``step@N`` holds once ``done_steps`` >= N)."""
+        held = False
+        if self.path is not None:
+            try:
+                points = Path(self.path).read_text().split() or ["step"]
+            except OSError:  # absent (or unreadable): not held
+                points = []
+            held = point in points
+            if point == "step" and not held and done_steps is not None:
+                held = any(p.startswith("step@") and p[5:].isdigit() and done_steps >= int(p[5:]) for p in points)
+        if not held:
+            if self._holding is not None:
+                log.info("%s: released (%s)", self._who(), self._holding)
+                self._holding = None
+            return False
+        if self._holding != where:
+            self._holding = where
+            log.info("%s: held %s by %s", self._who(), where, self.path)
+        return True
+
+    def wait_before_copy(self, generation: int) -> None:
+        while self.held("copy", f"before the layer copy of generation {generation}"):
+            time.sleep(HOLD_POLL_S)
