@@ -53,6 +53,10 @@ class MasterConfig:
     session_grace_s: float = 1.0
     coalesce_window_s: float = 0.2
     restart_grace_s: float = 10.0  # after a master restart: time for agents to re-attach
+    # After a node registers: time for its agent's session to attach (its heartbeats flow only
+    # then). Longer than the heartbeat timeout: a master busy accepting thousands of sessions
+    # must not declare nodes dead whose session is still queued.
+    attach_timeout_s: float = 10.0
     state_retry_s: float = 1.0  # while the state file cannot be written: how often the write is retried
     token_rotation_grace_s: float = 600.0  # after SIGHUP re-reads new tokens, the old ones stay valid this long
     detect_tick_s: float = 0.05
@@ -106,6 +110,7 @@ class MasterConfig:
         v.number(self.session_grace_s, "session_grace_s", min_value=0.0, max_value=3600)
         v.number(self.coalesce_window_s, "coalesce_window_s", min_value=0.0, max_value=60)
         v.number(self.restart_grace_s, "restart_grace_s", min_value=0.0, max_value=3600)
+        v.number(self.attach_timeout_s, "attach_timeout_s", min_value=0.0, max_value=3600)
         v.number(self.state_retry_s, "state_retry_s", min_value=0.01, max_value=3600)
         v.number(self.token_rotation_grace_s, "token_rotation_grace_s", min_value=0.0, max_value=7 * 24 * 3600)
         v.number(self.detect_tick_s, "detect_tick_s", min_value=0.001, max_value=10)

@@ -18,6 +18,9 @@ class DetectConfig:
     # After a master restart, agents reconnect with backoff: every node gets this long to
     # re-attach before the heartbeat timeout applies to it again.
     restart_grace_s: float = 10.0
+    # A node that registered gets this long for its session to attach (no heartbeat can arrive
+    # before it does); then the heartbeat timeout applies.
+    attach_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.heartbeat_timeout_s > 0:
@@ -28,6 +31,8 @@ class DetectConfig:
             raise ValueError(f"coalesce_window_s: must be >= 0, got {self.coalesce_window_s!r}")
         if not self.restart_grace_s >= 0:
             raise ValueError(f"restart_grace_s: must be >= 0, got {self.restart_grace_s!r}")
+        if not self.attach_timeout_s >= 0:
+            raise ValueError(f"attach_timeout_s: must be >= 0, got {self.attach_timeout_s!r}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class NodeLiveness:
     in_plan: bool = True  # a death of a node in the plan needs a reconfiguration
     reattach_by_s: float | None = None  # master restarted at (this - restart_grace_s); not yet re-attached
     timeout_s: float | None = None  # the heartbeat timeout this node was given (None: the config's)
+    attached: bool = True  # its session has attached since it registered (else: attach_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,11 @@ def node_verdict(now: float, node: NodeLiveness, config: DetectConfig, lag_s: fl
         if now < node.reattach_by_s:
             return None
         return f"did not re-attach within {config.restart_grace_s:g}s of the master restart"
+    if not node.attached:
+        # Registered, its session not attached yet (no heartbeat can come before it is).
+        if now - node.last_heartbeat_s < max(config.attach_timeout_s, node.timeout_s or config.heartbeat_timeout_s):
+            return None
+        return f"its session did not attach within {now - node.last_heartbeat_s:.2f}s of registering"
     if node.detached_since_s is not None and now - node.detached_since_s >= config.session_grace_s:
         return f"session broken for {now - node.detached_since_s:.2f}s (grace {config.session_grace_s:g}s)"
     silent = now - node.last_heartbeat_s

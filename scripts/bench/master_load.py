@@ -58,6 +58,7 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
     latencies: list[float] = []
     silent: set[int] = set()
     last_hb: dict[int, float] = {}
+    max_gap: dict[int, float] = {}  # node -> longest time between two of its heartbeat writes
     node_ids: list[int] = []
     timeouts: list[float] = []
     readers: list[asyncio.Task] = []
@@ -102,6 +103,8 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
                 if node not in silent:
                     seq += 1
                     t0 = time.perf_counter()
+                    if node in last_hb:
+                        max_gap[node] = max(max_gap.get(node, 0.0), time.time() - last_hb[node])
                     await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq)))
                     if measuring:
                         latencies.append((time.perf_counter() - t0) * 1000)
@@ -141,7 +144,8 @@ async def client_main(target: str, token: str, count: int, first: int, interval_
     print(
         json.dumps(
             {"event": "stats", "count": len(latencies), "timeout_s": max(timeouts), "p50": percentile(latencies, 0.5),
-             "p99": percentile(latencies, 0.99), "latencies_sample": latencies[-20000:]}
+             "p99": percentile(latencies, 0.99), "latencies_sample": latencies[-20000:],
+             "max_gap": {str(n): round(g, 3) for n, g in max_gap.items()}}
         ),
         flush=True,
     )  # fmt: skip
@@ -278,7 +282,7 @@ async def driver(args) -> dict:
             )  # fmt: skip
             first += count
         pumps = [asyncio.create_task(c.pump()) for c in clients]
-        t_reg = time.monotonic()
+        t_reg, t_reg_unix = time.monotonic(), time.time()
         timeout_s = 0.0
         for c in clients:
             timeout_s = max(timeout_s, (await c.expect("ready", 900))["timeout_s"])
@@ -342,6 +346,11 @@ async def driver(args) -> dict:
             "heartbeat_timeout_s": timeout_s,  # the longest any agent was given
             "idle_cpu_pct": round(idle_cpu_pct, 2),
         }
+        gaps = {int(k): v for s in stats for k, v in s["max_gap"].items()}
+        false = [d for d in deaths if d.node_id not in silenced]
+        for d in false[:5]:
+            print(f"false death: node {d.node_id} at +{d.unix_time_s - t_reg_unix:.1f}s: {d.message} "
+                  f"(its longest heartbeat gap {gaps.get(d.node_id, float('nan')):.2f}s)", flush=True)
         print(
             f"detected {len(detect)}/{len(silenced)} silent agents; "
             f"detect max {max(detect, default=float('nan')):.3f}s; "

@@ -46,6 +46,22 @@ def test_reattached_session_is_alive():
     assert decide(102.5, state, CFG)[0].quiet
 
 
+def test_a_registered_node_gets_the_attach_timeout_for_its_session_then_the_heartbeat_timeout():
+    # Registered at t=100; a master busy accepting thousands of sessions may take seconds to
+    # attach this one: no heartbeat can arrive before, so the attach timeout (10 s) applies.
+    cfg = DetectConfig(heartbeat_timeout_s=2.0, session_grace_s=1.0, coalesce_window_s=0.2, attach_timeout_s=10.0)
+    queued = NodeLiveness(1, 100.0, attached=False)
+    assert decide(109.9, DetectState(nodes(queued)), cfg)[0].quiet
+    decision, _ = decide(110.0, DetectState(nodes(queued)), cfg)
+    assert decision.dead == ((1, "its session did not attach within 10.00s of registering"),)
+    # Once attached, silence is judged by the heartbeat timeout again.
+    attached = NodeLiveness(1, 100.0, attached=True)
+    assert [n for n, _ in decide(102.0, DetectState(nodes(attached)), cfg)[0].dead] == [1]
+    # A failure reported before the session attached counts at once.
+    failed = NodeLiveness(2, 100.0, failed_reason="boom", attached=False)
+    assert decide(100.5, DetectState(nodes(failed)), cfg)[0].dead == ((2, "node failure: boom"),)
+
+
 def test_after_a_master_restart_nodes_get_the_restart_grace_not_the_heartbeat_timeout():
     # State loaded at t=100 with restart_grace_s=10: silent far beyond the 2 s timeout, still alive.
     cfg = DetectConfig(heartbeat_timeout_s=2.0, session_grace_s=1.0, coalesce_window_s=0.2, restart_grace_s=10.0)
