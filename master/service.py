@@ -22,11 +22,24 @@ from grpc_reflection.v1alpha import reflection
 
 from oobleck.common.auth import RotatingToken, TokenAuthInterceptor, TokenFileError
 from oobleck.common.jobspec import MAX_SPEC_BYTES
-from oobleck.common.text import escape_control
 from oobleck.common.tls import ServerTls, add_port, server_options
 from oobleck.master.config import MasterConfig
-from oobleck.master.core import Master, MasterError, RegisterInfo
+from oobleck.master.core import Master
 from oobleck.master.membership import RateLimiter, peer_host
+from oobleck.master.records import MasterError, RegisterInfo
+from oobleck.master.wire import (
+    MAX_TEXT_CHARS,
+    Invalid,
+    abort_with,
+    check_distinct_tokens,
+    finite_field,
+    free_text,
+    int_field,
+    json_field,
+    peer_identity,
+    status_details,
+    text_field,
+)
 from oobleck.protos.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,90 +47,9 @@ log = logging.getLogger(__name__)
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 HELLO_TIMEOUT_S = 10.0
-MAX_NAME_CHARS = 253
-MAX_TEXT_CHARS = 1024
 DEFAULT_NODES_PAGE = 1000  # ListNodes without page_size
 MAX_NODES_PAGE = 5000
 MAX_PROFILE_CHARS = 4 << 20  # an oobleck-profile/1 document in a Profile ack
-
-
-class _Invalid(Exception):
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-
-
-def _check_distinct(agent_token: str, admin_token: str) -> None:
-    if agent_token == admin_token:
-        raise TokenFileError(
-            "token_file and admin_token_file hold the same token: every agent could act as an operator; "
-            "give each role its own token"
-        )
-
-
-def _text(value: str, field: str, *, max_chars: int = MAX_NAME_CHARS, allow_empty: bool = False) -> str:
-    if not value and not allow_empty:
-        raise _Invalid(field, "must not be empty")
-    if len(value) > max_chars:
-        raise _Invalid(field, f"at most {max_chars} characters, got {len(value)}")
-    if any(not ch.isprintable() for ch in value):
-        raise _Invalid(field, "must not contain control characters")
-    return value
-
-
-def _free_text(value: str, max_chars: int = MAX_TEXT_CHARS) -> str:
-    """Free text a node sends (a reason, an error, a detail): control characters escaped (a
-    worker's traceback has line breaks; an attacker's may have terminal escapes), cut to size."""
-    return escape_control(value, max_chars)
-
-
-def _json_text(value: str, field: str, max_chars: int) -> str:
-    """A JSON document (line breaks allowed; parsed where it is used)."""
-    if len(value) > max_chars:
-        raise _Invalid(field, f"at most {max_chars} characters, got {len(value)}")
-    return value
-
-
-def _int(value: int, field: str, lo: int, hi: int) -> int:
-    if not lo <= value <= hi:
-        raise _Invalid(field, f"must be in {lo}..{hi}, got {value}")
-    return value
-
-
-def _finite(value: float, field: str, lo: float = -math.inf) -> float:
-    if math.isnan(value) and field.endswith("loss"):
-        return value  # a diverging loss is a fact to report, not a bad request
-    if not math.isfinite(value) or value < lo:
-        raise _Invalid(field, f"must be a finite number >= {lo:g}, got {value!r}")
-    return value
-
-
-def _details(message: str) -> str:
-    # Status details travel as UTF-8: escape what cannot be encoded (lone surrogates from input
-    # echoed in an error message) rather than failing to send the status at all.
-    return message.encode("utf-8", "backslashreplace").decode("utf-8")[:4096]
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, _Invalid):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(str(exc)))
-    if isinstance(exc, MasterError):
-        await context.abort(getattr(grpc.StatusCode, exc.code), _details(exc.message))
-    log.exception("internal error", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
-
-
-def peer_identity(context) -> str:
-    """The verified client certificate's identity under mTLS (its subject alternative names, or
-    its common name); "" without a client certificate. A node is bound to it at registration."""
-    try:
-        auth = context.auth_context() or {}
-    except Exception:
-        return ""
-    sans = sorted(v.decode("utf-8", "backslashreplace") for v in auth.get("x509_subject_alternative_name", []))
-    if sans:
-        return "SAN:" + ",".join(sans)
-    cns = [v.decode("utf-8", "backslashreplace") for v in auth.get("x509_common_name", [])]
-    return "CN:" + cns[0] if cns else ""
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -143,21 +75,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             self._check_rate(context)
             info = RegisterInfo(
-                node_name=_text(request.node_name, "node_name"),
-                address=_text(request.address, "address"),
-                slots=_int(request.slots, "slots", 1, 1024),
-                gpu_memory_bytes=_int(request.gpu_memory_bytes, "gpu_memory_bytes", 0, 1 << 50),
-                software_version=_text(request.software_version, "software_version", allow_empty=True),
-                nonce=_text(request.nonce, "nonce", max_chars=128),
-                store_port=_int(request.store_port, "store_port", 0, 65535),
-                node_id=_int(request.node_id, "node_id", 0, 1 << 62),
+                node_name=text_field(request.node_name, "node_name"),
+                address=text_field(request.address, "address"),
+                slots=int_field(request.slots, "slots", 1, 1024),
+                gpu_memory_bytes=int_field(request.gpu_memory_bytes, "gpu_memory_bytes", 0, 1 << 50),
+                software_version=text_field(request.software_version, "software_version", allow_empty=True),
+                nonce=text_field(request.nonce, "nonce", max_chars=128),
+                store_port=int_field(request.store_port, "store_port", 0, 65535),
+                node_id=int_field(request.node_id, "node_id", 0, 1 << 62),
                 identity=peer_identity(context),
             )
             if any(ch.isspace() for ch in info.address):
-                raise _Invalid("address", "must not contain whitespace")
+                raise Invalid("address", "must not contain whitespace")
             res = await self.master.on_register(info)
-        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
-            await _abort(context, exc)
+        except Exception as exc:  # Invalid, MasterError; anything else is logged as INTERNAL
+            await abort_with(context, exc)
         return agent_pb2.RegisterResponse(
             node_id=res.node_id,
             lease_s=res.lease_s,
@@ -177,15 +109,15 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             return
         try:
             if first.WhichOneof("body") != "hello":
-                raise _Invalid("hello", f"the first message must be hello, got {first.WhichOneof('body')}")
+                raise Invalid("hello", f"the first message must be hello, got {first.WhichOneof('body')}")
             hello = first.hello
-            _int(hello.node_id, "hello.node_id", 1, 1 << 62)
-            _text(hello.nonce, "hello.nonce", max_chars=128)
-            _int(hello.last_generation, "hello.last_generation", 0, 1 << 62)
-            _int(hello.last_command_id, "hello.last_command_id", 0, 1 << 62)
+            int_field(hello.node_id, "hello.node_id", 1, 1 << 62)
+            text_field(hello.nonce, "hello.nonce", max_chars=128)
+            int_field(hello.last_generation, "hello.last_generation", 0, 1 << 62)
+            int_field(hello.last_command_id, "hello.last_command_id", 0, 1 << 62)
             node = master.session_node(hello.node_id, hello.nonce, peer_identity(context))
-        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
-            await _abort(context, exc)
+        except Exception as exc:  # Invalid, MasterError; anything else is logged as INTERNAL
+            await abort_with(context, exc)
         handle = master.attach(node, hello.last_command_id)
         reader = asyncio.get_running_loop().create_task(self._read(node, handle, context))
         try:
@@ -195,7 +127,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     await context.write(item)
                     continue
                 if item.code is not None:
-                    await context.abort(getattr(grpc.StatusCode, item.code), _details(item.message))
+                    await context.abort(getattr(grpc.StatusCode, item.code), status_details(item.message))
                 return
         finally:
             reader.cancel()
@@ -217,47 +149,47 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     s = msg.step
                     master.on_step(
                         node,
-                        _int(s.generation, "step.generation", 0, 1 << 62),
-                        _int(s.step, "step.step", 0, 1 << 62),
-                        _finite(s.loss, "step.loss"),
-                        _finite(s.samples_per_s, "step.samples_per_s", 0.0),
+                        int_field(s.generation, "step.generation", 0, 1 << 62),
+                        int_field(s.step, "step.step", 0, 1 << 62),
+                        finite_field(s.loss, "step.loss"),
+                        finite_field(s.samples_per_s, "step.samples_per_s", 0.0),
                     )
                 elif kind == "ack":
                     a = msg.ack
                     phases = {
-                        "regroup": _finite(a.phases.regroup_s, "ack.phases.regroup_s", 0.0),
-                        "copy": _finite(a.phases.copy_s, "ack.phases.copy_s", 0.0),
+                        "regroup": finite_field(a.phases.regroup_s, "ack.phases.regroup_s", 0.0),
+                        "copy": finite_field(a.phases.copy_s, "ack.phases.copy_s", 0.0),
                     }
                     await master.on_ack(
                         node,
-                        _int(a.command_id, "ack.command_id", 1, 1 << 62),
+                        int_field(a.command_id, "ack.command_id", 1, 1 << 62),
                         a.generation,
                         a.ok,
-                        _free_text(a.error, MAX_TEXT_CHARS * 4),
+                        free_text(a.error, MAX_TEXT_CHARS * 4),
                         phases,
-                        _json_text(a.profile_json, "ack.profile_json", MAX_PROFILE_CHARS),
-                        _int(a.step, "ack.step", 0, 1 << 62) if a.HasField("step") else None,
+                        json_field(a.profile_json, "ack.profile_json", MAX_PROFILE_CHARS),
+                        int_field(a.step, "ack.step", 0, 1 << 62) if a.HasField("step") else None,
                     )
                 elif kind == "failure":
-                    master.on_failure(node, _free_text(msg.failure.reason))
+                    master.on_failure(node, free_text(msg.failure.reason))
                 elif kind == "leaving":
                     await master.on_leaving(
                         node,
-                        _free_text(msg.leaving.reason),
-                        _finite(msg.leaving.deadline_s, "leaving.deadline_s", 0.0),
+                        free_text(msg.leaving.reason),
+                        finite_field(msg.leaving.deadline_s, "leaving.deadline_s", 0.0),
                     )
                 elif kind == "worker":
                     w = msg.worker
                     master.on_worker_report(
                         node, w.slot, agent_pb2.WorkerState.Name(w.state) if w.state in (0, 1, 2, 3, 4) else "?",
-                        w.exit_code, _free_text(w.detail),
+                        w.exit_code, free_text(w.detail),
                     )  # fmt: skip
                 elif kind == "hello":
-                    raise _Invalid("hello", "sent twice in one session")
+                    raise Invalid("hello", "sent twice in one session")
                 else:
-                    raise _Invalid("body", "empty agent message")
+                    raise Invalid("body", "empty agent message")
             handle.close()
-        except _Invalid as exc:
+        except Invalid as exc:
             log.warning("node %d sent a bad message: %s", node.row.node_id, exc)
             handle.close("INVALID_ARGUMENT", str(exc))
         except asyncio.CancelledError:
@@ -289,12 +221,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def SubmitJob(self, request, context):
         try:
             if not request.job_spec_yaml.strip():
-                raise _Invalid("job_spec_yaml", "must not be empty")
+                raise Invalid("job_spec_yaml", "must not be empty")
             if len(request.job_spec_yaml.encode()) > MAX_SPEC_BYTES:
-                raise _Invalid("job_spec_yaml", f"larger than {MAX_SPEC_BYTES} bytes")
+                raise Invalid("job_spec_yaml", f"larger than {MAX_SPEC_BYTES} bytes")
             job_id, generation = await self.master.submit_job(request.job_spec_yaml)
-        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
-            await _abort(context, exc)
+        except Exception as exc:  # Invalid, MasterError; anything else is logged as INTERNAL
+            await abort_with(context, exc)
         return admin_pb2.SubmitJobResponse(job_id=job_id, generation=generation)
 
     async def GetStatus(self, request, context):
@@ -316,10 +248,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListNodes(self, request, context):
         try:
-            size = _int(request.page_size, "page_size", 0, MAX_NODES_PAGE) or DEFAULT_NODES_PAGE
-            after = _int(request.after_node_id, "after_node_id", 0, 1 << 62)
-        except _Invalid as exc:
-            await _abort(context, exc)
+            size = int_field(request.page_size, "page_size", 0, MAX_NODES_PAGE) or DEFAULT_NODES_PAGE
+            after = int_field(request.after_node_id, "after_node_id", 0, 1 << 62)
+        except Invalid as exc:
+            await abort_with(context, exc)
         nodes, next_after = self.master.list_nodes(after, size)
         return admin_pb2.ListNodesResponse(
             next_after_node_id=next_after,
@@ -340,9 +272,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def WatchEvents(self, request, context):
         try:
-            since = _int(request.since_id, "since_id", 0, 1 << 62)
-        except _Invalid as exc:
-            await _abort(context, exc)
+            since = int_field(request.since_id, "since_id", 0, 1 << 62)
+        except Invalid as exc:
+            await abort_with(context, exc)
         q = self.master.watch(include_steps=request.include_steps) if request.follow else None
         try:
             last = since
@@ -364,30 +296,32 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def DrainNode(self, request, context):
         try:
-            await self.master.drain_node(_int(request.node_id, "node_id", 1, 1 << 62))
-        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
-            await _abort(context, exc)
+            await self.master.drain_node(int_field(request.node_id, "node_id", 1, 1 << 62))
+        except Exception as exc:  # Invalid, MasterError; anything else is logged as INTERNAL
+            await abort_with(context, exc)
         return admin_pb2.DrainNodeResponse()
 
     async def UndrainNode(self, request, context):
         try:
-            await self.master.undrain_node(_int(request.node_id, "node_id", 1, 1 << 62))
-        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
-            await _abort(context, exc)
+            await self.master.undrain_node(int_field(request.node_id, "node_id", 1, 1 << 62))
+        except Exception as exc:  # Invalid, MasterError; anything else is logged as INTERNAL
+            await abort_with(context, exc)
         return admin_pb2.UndrainNodeResponse()
 
     async def KillNode(self, request, context):
         try:
-            await self.master.kill_node(_int(request.node_id, "node_id", 1, 1 << 62))
-        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
-            await _abort(context, exc)
+            await self.master.kill_node(int_field(request.node_id, "node_id", 1, 1 << 62))
+        except Exception as exc:  # Invalid, MasterError; anything else is logged as INTERNAL
+            await abort_with(context, exc)
         return admin_pb2.KillNodeResponse()
 
     async def CancelJob(self, request, context):
         try:
-            await self.master.cancel_job(_text(request.reason, "reason", max_chars=MAX_TEXT_CHARS, allow_empty=True))
-        except Exception as exc:  # _Invalid, MasterError; anything else is logged as INTERNAL
-            await _abort(context, exc)
+            await self.master.cancel_job(
+                text_field(request.reason, "reason", max_chars=MAX_TEXT_CHARS, allow_empty=True)
+            )
+        except Exception as exc:  # Invalid, MasterError; anything else is logged as INTERNAL
+            await abort_with(context, exc)
         return admin_pb2.CancelJobResponse()
 
 
@@ -434,7 +368,7 @@ class MasterServer:
         grace = cfg.token_rotation_grace_s
         self._agent_token = await asyncio.to_thread(RotatingToken, cfg.token_file, grace)
         self._admin_token = await asyncio.to_thread(RotatingToken, cfg.admin_token_file, grace)
-        _check_distinct(self._agent_token.current, self._admin_token.current)
+        check_distinct_tokens(self._agent_token.current, self._admin_token.current)
         await self.master.open()
         interceptor = TokenAuthInterceptor(
             {f"/{AGENT_SERVICE}/": self._agent_token, f"/{ADMIN_SERVICE}/": self._admin_token},
@@ -486,7 +420,7 @@ class MasterServer:
         try:
             agent = await asyncio.to_thread(self._agent_token.peek)
             admin = await asyncio.to_thread(self._admin_token.peek)
-            _check_distinct(agent, admin)
+            check_distinct_tokens(agent, admin)
         except TokenFileError as exc:
             log.error("tokens not reloaded (the current ones stay in use): %s", exc)
             return
