@@ -105,7 +105,7 @@ void tpl_run_dp(ctx_t *c, double cap, int mode_max, int32_t jlim, const unsigned
 }
 
 /* min over the stage count of the node that starts at (x, j) of a k-free table. */
-static double kf_node_start(const ctx_t *c, const double *tab, int32_t x, int32_t j)
+static inline double kf_node_start(const ctx_t *c, const double *tab, int32_t x, int32_t j)
 {
     double best = INFINITY;
     for (int32_t qi = 0; qi < c->nq; qi++) {

@@ -156,6 +156,8 @@ static void rebuild_suffix_sums(const ctx_t *c, int32_t n, int32_t S, double cap
         hb[i] = INFINITY;
     for (int32_t s = S - 1; s >= 0; s--) {
         int32_t x = bounds[s], y = bounds[s + 1], k = S - s;
+        double *cur = hb + (size_t)s * row;
+        const double *after = hb + (size_t)(s + 1) * row; /* the states of stage s + 1 */
         for (int32_t j = 1; j <= n; j++) {
             for (int32_t qi = 0; qi < c->nq; qi++) {
                 int32_t q = c->qs[qi], g = G / q;
@@ -169,17 +171,16 @@ static void rebuild_suffix_sums(const ctx_t *c, int32_t n, int32_t S, double cap
                         continue;
                     double rest = INFINITY;
                     if (t > 1)
-                        rest = hb[(size_t)(s + 1) * row + (size_t)j * np + c->pstart[qi] + t - 2];
+                        rest = after[(size_t)j * np + c->pstart[qi] + t - 2];
                     else if (y == L)
                         rest = (j == 1 && k == 1) ? 0.0 : INFINITY;
                     else if (j > 1)
                         for (int32_t q2i = 0; q2i < c->nq; q2i++) {
-                            double v = hb[(size_t)(s + 1) * row + (size_t)(j - 1) * np + c->pstart[q2i] +
-                                          c->qs[q2i] - 1];
+                            double v = after[(size_t)(j - 1) * np + c->pstart[q2i] + c->qs[q2i] - 1];
                             if (v < rest)
                                 rest = v;
                         }
-                    hb[(size_t)s * row + (size_t)j * np + c->pstart[qi] + t - 1] = lat + rest;
+                    cur[(size_t)j * np + c->pstart[qi] + t - 1] = lat + rest;
                 }
             }
         }
