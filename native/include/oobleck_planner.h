@@ -1,7 +1,7 @@
 /*
  * oobleck_planner.h - public C API of the Oobleck planner.
  *
- * Conventions (see shared/design/style.md and planner.md):
+ * Conventions (see docs/planner.md):
  *   - Every function returns an obk_status; OBK_OK (0) is success.
  *   - Outputs are caller-allocated; the planner never keeps pointers to them.
  *   - On failure a function writes one human-readable line, NUL-terminated and
@@ -69,11 +69,11 @@ typedef struct {
     double optimizer_state_factor;
 } obk_cluster;
 
-/* ---- Templates and node specification (native/src/templates.c) --------------------- */
+/* ---- Templates and node specification (native/src/templates*.c) -------------------- */
 /*
- * Decisions where planner.md is silent (all mirrored by tests/planner/reference_templates.py):
+ * Decisions where docs/planner.md is silent (all mirrored by tests/planner/reference_templates.py):
  *   - GPU split: the stages of one node all use the same g, with g dividing G (the simplification
- *     planner.md allows). A node thus hosts q = G / g stages, q a divisor of G.
+ *     docs/planner.md allows). A node thus hosts q = G / g stages, q a divisor of G.
  *   - Ties (relative tolerance eps = 1e-9): T* = min T(m_ref) over all layouts; M* = the smallest
  *     bottleneck among layouts with T <= T* (1 + eps); the tie set is every layout with
  *     max_s L_s <= M* (1 + eps) and sum_s L_s <= T* (1 + eps) - (m_ref - 1) M*. Within it: fewest
@@ -150,7 +150,7 @@ obk_status obk_plan_templates(const obk_layer *layers, int32_t num_layers, const
                               int32_t max_uncovered, char *err, size_t err_len);
 
 
-/* ---- Instantiation and batch distribution (native/src/instantiate.c) --------------- */
+/* ---- Instantiation and batch distribution (native/src/instantiate*.c, batch_split.c) */
 
 /* Cost of one pipeline template for the batch split: T(m) = sum_latency_ms + (m-1) * bottleneck_ms. */
 typedef struct {
@@ -171,7 +171,7 @@ typedef struct {
 
 /*
  * Choose template counts for `num_nodes` nodes and split `microbatches` among the pipelines
- * (planner.md "Instantiation and batch distribution"). Exact; a DP over (pipelines, nodes) for
+ * (docs/planner.md). Exact; a DP over (pipelines, nodes) for
  * each candidate bottleneck, no enumeration of mixes. Pipelines are written by template size
  * ascending: pipeline_template[i] is an index into `templates`, pipeline_microbatches[i] its
  * share, pipeline_ms[i] = T(share). `capacity` must be >= num_nodes / templates[0].num_nodes.
@@ -195,7 +195,7 @@ obk_status obk_distribute_batch(const obk_pipeline_cost *pipelines, int32_t num_
 /* ---- Reconfiguration and layer-copy plan (native/src/reconfigure.c) ---------------- */
 
 /*
- * Reconfiguration policy steps 1-4 (planner.md). Pipelines are given flattened: `nodes` holds
+ * Reconfiguration policy steps 1-4 (docs/planner.md). Pipelines are given flattened: `nodes` holds
  * the node ids of pipeline 0, then pipeline 1, ...; `sizes[i]` is the length of pipeline i.
  * Lost ids that are in no pipeline are ignored. Output in the same flattened form; out_nodes
  * needs room for every input node, out_sizes for num_pipelines entries.
@@ -230,7 +230,7 @@ typedef struct {
 } obk_copy;
 
 /*
- * Layer-copy plan (planner.md "Layer-copy plan"). `before`: the ranges every node held in the
+ * Layer-copy plan (docs/planner.md). `before`: the ranges every node held in the
  * last completed generation (lost nodes included or not; a lost node is never a source);
  * `after`: the ranges every node of the new plan needs (each node once). Each missing
  * (node, layer) is copied from a surviving holder: layers ascending, then destinations by node

@@ -1,6 +1,6 @@
 /*
  * Reconfiguration after failures, compacted ranks and the layer-copy plan
- * (planner.md "Reconfiguration after failures" and "Layer-copy plan").
+ * (docs/planner.md).
  */
 #include <math.h>
 #include <stdint.h>
