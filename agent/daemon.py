@@ -54,7 +54,7 @@ from oobleck.common.auth import TokenFileError, bearer_metadata, read_token_file
 from oobleck.common.jobspec import parse_job_spec
 from oobleck.common.tls import ClientTls, aio_channel, is_loopback_host, split_host_port
 from oobleck.common.validate import ConfigError
-from oobleck.common.version import version
+from oobleck.common.version import PROTOCOL_VERSION, version
 from oobleck.common.worker_link import (
     ENV_AGENT_PID,
     ENV_AGENT_SOCKET,
@@ -448,6 +448,7 @@ class Agent:
             nonce=self.nonce,
             store_port=self.store_port,
             node_id=self.node_id,
+            protocol_version=PROTOCOL_VERSION,
         )
 
     async def _master_loop(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
@@ -483,6 +484,11 @@ class Agent:
                 backoff = min(backoff * 2, self.config.reconnect_max_backoff_s)
 
     async def _on_registered(self, response: agent_pb2.RegisterResponse) -> None:
+        if response.software_version and response.software_version != version():
+            log.warning(
+                "master runs %s (protocol %d), this agent %s (protocol %d)",
+                response.software_version, response.protocol_version, version(), PROTOCOL_VERSION,
+            )  # fmt: skip
         if self.node_id and response.node_id != self.node_id and self._leaving:
             # Declared dead while leaving: this node is going away, it does not join again.
             raise ShutdownRequested()

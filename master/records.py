@@ -71,6 +71,7 @@ class RegisterInfo:
     store_port: int
     node_id: int
     identity: str = ""  # under mTLS: the client certificate's identity ("" without mTLS)
+    protocol_version: int = 0  # the agent<->master protocol the agent speaks (0: before versions)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from oobleck.common.auth import RotatingToken, TokenAuthInterceptor, TokenFileError
 from oobleck.common.jobspec import MAX_SPEC_BYTES
 from oobleck.common.tls import ServerTls, add_port, server_options
+from oobleck.common.version import PROTOCOL_VERSION, version
 from oobleck.master.config import MasterConfig
 from oobleck.master.core import Master
 from oobleck.master.membership import RateLimiter, peer_host
@@ -80,6 +81,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 slots=int_field(request.slots, "slots", 1, 1024),
                 gpu_memory_bytes=int_field(request.gpu_memory_bytes, "gpu_memory_bytes", 0, 1 << 50),
                 software_version=text_field(request.software_version, "software_version", allow_empty=True),
+                protocol_version=int_field(request.protocol_version, "protocol_version", 0, 1 << 20),
                 nonce=text_field(request.nonce, "nonce", max_chars=128),
                 store_port=int_field(request.store_port, "store_port", 0, 65535),
                 node_id=int_field(request.node_id, "node_id", 0, 1 << 62),
@@ -97,6 +99,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             heartbeat_timeout_s=res.heartbeat_timeout_s,
             job_spec_yaml=res.job_spec_yaml,
             generation=res.generation,
+            protocol_version=PROTOCOL_VERSION,
+            software_version=version(),
         )
 
     async def Session(self, request_iterator, context):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from oobleck.common.version import agent_protocol_problem
 from oobleck.master import membership, planning
 from oobleck.master.records import (
     MasterError,
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 class SessionsMixin:
     async def on_register(self, info: RegisterInfo) -> RegisterResult:
+        problem = agent_protocol_problem(info.protocol_version, info.software_version)
+        if problem is not None:
+            raise MasterError("FAILED_PRECONDITION", f"protocol_version: {problem}")
         now = self.clock()
         known = self.nodes.get(info.node_id) if info.node_id else None
         if known is not None and known.row.identity and known.row.identity != info.identity:

@@ -118,7 +118,12 @@ class Store:
                 c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(f"schema version {version}, this master reads version {SCHEMA_VERSION}")
+            if version > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"written by a newer master (schema version {version}); this master reads versions "
+                    f"1..{SCHEMA_VERSION}: run the newer master, or give this one another state file"
+                )
+            raise sqlite3.DatabaseError(f"schema version {version}, this master reads versions 1..{SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._conn.close()

@@ -21,7 +21,7 @@ WORKER_STATE_EXITED: WorkerState
 WORKER_STATE_HUNG: WorkerState
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node_name", "address", "slots", "gpu_memory_bytes", "software_version", "nonce", "store_port", "node_id")
+    __slots__ = ("node_name", "address", "slots", "gpu_memory_bytes", "software_version", "nonce", "store_port", "node_id", "protocol_version")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class RegisterRequest(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     STORE_PORT_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     address: str
     slots: int
@@ -38,23 +39,28 @@ class RegisterRequest(_message.Message):
     nonce: str
     store_port: int
     node_id: int
-    def __init__(self, node_name: _Optional[str] = ..., address: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., nonce: _Optional[str] = ..., store_port: _Optional[int] = ..., node_id: _Optional[int] = ...) -> None: ...
+    protocol_version: int
+    def __init__(self, node_name: _Optional[str] = ..., address: _Optional[str] = ..., slots: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., nonce: _Optional[str] = ..., store_port: _Optional[int] = ..., node_id: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "lease_s", "heartbeat_interval_s", "heartbeat_timeout_s", "job_spec_yaml", "generation")
+    __slots__ = ("node_id", "lease_s", "heartbeat_interval_s", "heartbeat_timeout_s", "job_spec_yaml", "generation", "protocol_version", "software_version")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     JOB_SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     lease_s: float
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
     job_spec_yaml: str
     generation: int
-    def __init__(self, node_id: _Optional[int] = ..., lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., job_spec_yaml: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    protocol_version: int
+    software_version: str
+    def __init__(self, node_id: _Optional[int] = ..., lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., heartbeat_timeout_s: _Optional[float] = ..., job_spec_yaml: _Optional[str] = ..., generation: _Optional[int] = ..., protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
 
 class SessionHello(_message.Message):
     __slots__ = ("node_id", "nonce", "last_generation", "last_command_id")

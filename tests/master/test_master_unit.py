@@ -212,6 +212,23 @@ def test_a_version_1_state_file_gains_node_identities_and_dead_nodes_are_deleted
     store.close()
 
 
+def test_a_state_file_from_a_newer_master_is_refused_naming_both_versions(tmp_path):
+    import sqlite3
+
+    from oobleck.master.store import SCHEMA_VERSION, StoreError
+
+    path = tmp_path / "s.db"
+    Store(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match=f"newer master \\(schema version {SCHEMA_VERSION + 1}\\); this master reads"):
+        Store(path)
+    with pytest.raises(StoreError, match="newer master"):  # not "in use": the refusal released its lock
+        Store(path)
+
+
 def test_plan_proto_conversion_uses_first_node_as_rendezvous():
     from oobleck.planner import types as pt
 
