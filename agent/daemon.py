@@ -27,7 +27,6 @@ import contextlib
 import datetime
 import errno
 import ipaddress
-import json
 import logging
 import math
 import os
@@ -51,6 +50,7 @@ from oobleck.agent.processes import kill_processes_now, spawn_worker, stop_proce
 from oobleck.agent.profiling import ProfileFailed, run_profiler
 from oobleck.agent.supervision import LivenessConfig, Verdict, WorkerProbe, decide_worker, read_proc_state
 from oobleck.common.auth import TokenFileError, bearer_metadata, read_token_file
+from oobleck.common.files import write_json
 from oobleck.common.jobspec import parse_job_spec
 from oobleck.common.tls import ClientTls, aio_channel, is_loopback_host, split_host_port
 from oobleck.common.validate import ConfigError
@@ -256,13 +256,6 @@ def _gpu_memory_bytes() -> int:
         log.warning("nvidia-smi failed (%s): reporting 0 GPU memory", exc)
         return 0
     return parse_gpu_memory_mib(out)
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
 
 
 class Agent:
@@ -527,7 +520,7 @@ class Agent:
         )
         if self.config.ready_file:
             info = {"pid": os.getpid(), "node_id": self.node_id, "store_port": self.store_port}
-            await asyncio.to_thread(_write_json_atomically, Path(self.config.ready_file), info)
+            await asyncio.to_thread(write_json, Path(self.config.ready_file), info)
 
     async def _session(self, stub: agent_pb2_grpc.AgentServiceStub) -> None:
         call = stub.Session(metadata=self._metadata)

@@ -18,6 +18,8 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 
+from oobleck.common import procs
+
 
 class Verdict(enum.Enum):
     ALIVE = "alive"
@@ -65,15 +67,6 @@ def decide_worker(now: float, probe: WorkerProbe, config: LivenessConfig) -> tup
     return Verdict.ALIVE, "heartbeating"
 
 
-def read_proc_state(pid: int, proc_root: Path = Path("/proc")) -> str | None:
+def read_proc_state(pid: int, proc_root: Path = procs.PROC) -> str | None:
     """The one-letter process state of ``pid`` (``R``, ``S``, ``T``, ``Z``...), None if unreadable."""
-    try:
-        text = (proc_root / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    # "pid (comm) S ...": comm may hold spaces and parentheses, so split after the last ')'.
-    _, sep, rest = text.rpartition(")")
-    fields = rest.split()
-    if not sep or not fields:
-        return None
-    return fields[0]
+    return procs.state(pid, proc_root)

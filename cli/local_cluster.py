@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oobleck.common import procs
 from oobleck.common.files import write_secret
 from oobleck.common.procs import wait_pid_gone
 
@@ -47,42 +48,16 @@ def log_tail(path: Path, limit: int = 2000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name is in parentheses and may contain spaces; fields after it are fixed.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return int(fields[1]) if len(fields) > 1 else None
-
-
-def _environ_work_dir(pid: int) -> str | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    prefix = (ENV_WORK_DIR + "=").encode()
-    for item in environ:
-        if item.startswith(prefix):
-            return item[len(prefix) :].decode("utf-8", "replace")
-    return None
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
 def worker_pids(agent_pid: int | None, work_dirs: set[str]) -> set[int]:
     """Pids of workers that belong to an agent: its children, and processes whose
     ``$OOBLECK_WORK_DIR`` is one of ``work_dirs`` (this also finds workers of a dead agent)."""
     found: set[int] = set()
     me = os.getpid()
-    for pid in _all_pids():
+    for pid in procs.pids():
         if pid in (me, agent_pid):
             continue
-        child = agent_pid is not None and _ppid(pid) == agent_pid
-        if child or (work_dirs and _environ_work_dir(pid) in work_dirs):
+        child = agent_pid is not None and procs.parent(pid) == agent_pid
+        if child or (work_dirs and procs.environ_var(pid, ENV_WORK_DIR) in work_dirs):
             found.add(pid)
     return found
 

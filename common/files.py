@@ -4,12 +4,13 @@ workers and the tools."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,6 +47,14 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], object], *, mode
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_json(path: Path, data: Any, *, indent: int | None = None) -> None:
+    """Write ``data`` as JSON to ``path`` with :func:`atomic_write` (creating its folder): ready
+    files, cached profiles, anything a reader may open at any moment."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, (json.dumps(data, indent=indent) + "\n").encode())
 
 
 def write_secret(path: Path, text: str) -> None:

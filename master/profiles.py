@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from oobleck.common.files import NotRegularFile, atomic_write, open_regular, read_bounded
+from oobleck.common.files import NotRegularFile, open_regular, read_bounded, write_json
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ def read_cached(path: Path) -> dict[str, Any] | None:
 
 def write_cached(path: Path, data: dict[str, Any]) -> None:
     """Write atomically (temp file + rename): a crash never leaves half a profile."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(data, indent=1).encode())
+    write_json(path, data, indent=1)
 
 
 MAX_PROFILE_BYTES = 16 << 20

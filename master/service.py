@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from oobleck.common.auth import RotatingToken, TokenAuthInterceptor, TokenFileError
+from oobleck.common.files import write_json
 from oobleck.common.jobspec import MAX_SPEC_BYTES
 from oobleck.common.tls import ServerTls, add_port, server_options
 from oobleck.common.version import PROTOCOL_VERSION, version
@@ -329,23 +328,6 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.CancelJobResponse()
 
 
-def write_ready_file(path: str, data: dict[str, Any]) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class _StopRequested(Exception):
     pass
 
@@ -401,7 +383,7 @@ class MasterServer:
         self._started = True
         if cfg.ready_file:
             ready = {"pid": os.getpid(), "grpc_port": self.grpc_port, "http_port": self.http_port}
-            await asyncio.to_thread(write_ready_file, cfg.ready_file, ready)
+            await asyncio.to_thread(write_json, Path(cfg.ready_file), ready)
         log.info("master serving: gRPC port %d, HTTP port %d", self.grpc_port, self.http_port)
 
     def request_stop(self) -> None:

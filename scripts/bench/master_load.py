@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from oobleck.common import procs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -179,11 +181,6 @@ async def churn_main(target: str, token: str, count: int, first: int, channels: 
         await c.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 async def node_total(stub) -> int:
     from oobleck.protos.v1 import admin_pb2
 
@@ -231,13 +228,6 @@ class Client:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def driver(args) -> dict:
@@ -321,7 +311,7 @@ async def driver(args) -> dict:
         clients[0].send("last")
         last = {int(k): v for k, v in (await clients[0].expect("last", 30))["last_hb"].items()}
         await asyncio.sleep(args.after_s)  # keep going: nobody else may die
-        rss = rss_mb(master.pid)
+        rss = (procs.rss_bytes(master.pid) or 0) / (1 << 20)
         stats = []
         for c in clients:
             c.send("stop")
@@ -349,8 +339,11 @@ async def driver(args) -> dict:
         gaps = {int(k): v for s in stats for k, v in s["max_gap"].items()}
         false = [d for d in deaths if d.node_id not in silenced]
         for d in false[:5]:
-            print(f"false death: node {d.node_id} at +{d.unix_time_s - t_reg_unix:.1f}s: {d.message} "
-                  f"(its longest heartbeat gap {gaps.get(d.node_id, float('nan')):.2f}s)", flush=True)
+            print(
+                f"false death: node {d.node_id} at +{d.unix_time_s - t_reg_unix:.1f}s: {d.message} "
+                f"(its longest heartbeat gap {gaps.get(d.node_id, float('nan')):.2f}s)",
+                flush=True,
+            )
         print(
             f"detected {len(detect)}/{len(silenced)} silent agents; "
             f"detect max {max(detect, default=float('nan')):.3f}s; "
@@ -395,9 +388,9 @@ async def churn_and_idle(args, target: str, tmp: Path, stub, master_pid: int) ->
         await asyncio.sleep(0.5)
     purge_s = time.monotonic() - t_dead
     await asyncio.sleep(1.0)  # let the purge's own work finish before measuring
-    c0, t0 = cpu_seconds(master_pid), time.monotonic()
+    c0, t0 = procs.cpu_seconds(master_pid), time.monotonic()
     await asyncio.sleep(args.idle_s)
-    return 100.0 * (cpu_seconds(master_pid) - c0) / (time.monotonic() - t0), purge_s
+    return 100.0 * (procs.cpu_seconds(master_pid) - c0) / (time.monotonic() - t0), purge_s
 
 
 def main() -> int:

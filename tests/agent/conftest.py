@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from oobleck.common import procs
 from oobleck.common.files import write_secret
 from oobleck.common.procs import wait_pid_gone
 
@@ -115,8 +116,4 @@ def start_agent(tmp_path, token_file, master):
 
 
 def _is_our_worker(pid: int, work_dir: Path) -> bool:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return f"OOBLECK_WORK_DIR={work_dir}".encode() in environ
+    return procs.environ_var(pid, "OOBLECK_WORK_DIR") == str(work_dir)

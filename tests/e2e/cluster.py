@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from oobleck.common import procs
 from oobleck.common.files import write_secret
 from oobleck.common.procs import wait_pid_gone
 from oobleck.common.tls import sync_channel
@@ -46,47 +47,17 @@ WORKER_ENV = {
 }
 
 
-def proc_state(pid: int) -> str | None:
-    """One-letter state of ``pid`` (``R``, ``S``, ``T``, ``Z``, ...), None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rfind(")") + 2 :].split()
-    return fields[0] if fields else None
-
-
-def _environ_var(pid: int, name: str) -> str | None:
-    try:
-        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    prefix = name.encode() + b"="
-    for item in items:
-        if item.startswith(prefix):
-            return item[len(prefix) :].decode("utf-8", "replace")
-    return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def processes_under(root: Path) -> dict[int, str]:
     """Live (not zombie) processes that belong to a cluster rooted at ``root``: their command line
     or their ``$OOBLECK_WORK_DIR`` names a path under it. ``pid -> command line``."""
     prefix = str(root)
     found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+    for pid in procs.pids():
+        if pid == os.getpid():
             continue
-        pid = int(entry)
-        cmd = _cmdline(pid)
-        work = _environ_var(pid, "OOBLECK_WORK_DIR") or ""
-        if (prefix in cmd or work.startswith(prefix)) and proc_state(pid) not in (None, "Z", "X"):
+        cmd = procs.cmdline(pid)
+        work = procs.environ_var(pid, "OOBLECK_WORK_DIR") or ""
+        if (prefix in cmd or work.startswith(prefix)) and procs.alive(pid):
             found[pid] = cmd
     return found
 
@@ -282,7 +253,7 @@ class Cluster:
         work = str(self.agents[name].work_dir)
         pids = set()
         for pid in processes_under(self.root):
-            if _environ_var(pid, "OOBLECK_WORK_DIR") == work:
+            if procs.environ_var(pid, "OOBLECK_WORK_DIR") == work:
                 pids.add(pid)
         return pids
 

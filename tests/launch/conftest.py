@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from oobleck.common import procs
 from oobleck.common.procs import wait_pid_gone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,28 +60,15 @@ def pids_under(work_dir: Path) -> set[int]:
     """Live processes started for ``work_dir``: daemons from their ready files (checked against
     their command line, so a recycled pid is never reported) and workers by ``$OOBLECK_WORK_DIR``."""
     found: set[int] = set()
-    marker = str(work_dir).encode()
     for ready in work_dir.glob("*.ready.json"):
         with contextlib.suppress(OSError, ValueError, KeyError):
             pid = int(json.loads(ready.read_text())["pid"])
-            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if str(work_dir) in procs.cmdline(pid):
                 found.add(pid)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-            if any(e.startswith(b"OOBLECK_WORK_DIR=" + marker) for e in env):
-                found.add(int(entry))
-    return {p for p in found if not _zombie(p)}
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].startswith("Z")
+    for pid in procs.pids():
+        if (procs.environ_var(pid, "OOBLECK_WORK_DIR") or "").startswith(str(work_dir)):
+            found.add(pid)
+    return {p for p in found if procs.alive(p)}
 
 
 @dataclass
