@@ -23,6 +23,27 @@ static inline double trace_value(const ctx_t *c, const double *kf, int32_t x, in
 }
 
 /*
+ * The root (0, n) of the table being traced: the least value over the first node's stage count
+ * (index *qi) and, in run_dp's table, over k (*k). *qi stays -1 when there is no finite value.
+ */
+static double trace_root(const ctx_t *c, const double *kf, int32_t n, int32_t *qi, int32_t *k)
+{
+    double v = INFINITY;
+    int32_t khi = kf != NULL ? n : (int32_t)imin64(c->L, (int64_t)n * c->G);
+    for (int32_t kk = n; kk <= khi; kk++) {
+        for (int32_t i = 0; i < c->nq; i++) {
+            double w = trace_value(c, kf, 0, n, kk, c->pstart[i] + c->qs[i] - 1);
+            if (w < v) {
+                v = w;
+                *qi = i;
+                *k = kk;
+            }
+        }
+    }
+    return v;
+}
+
+/*
  * Follow one layout from the root (0, n) of a table whose values combine stage latencies by
  * sum (mode_max = 0) or max (mode_max = 1): a k-free table kf of tpl_kfree_backward, its stages'
  * memory checked with the optimistic in-flight count k_lo = t + j - 1, or, with kf == NULL,
@@ -36,19 +57,7 @@ double tpl_trace_path(const ctx_t *c, const double *kf, double cap, int32_t n, i
 {
     const int32_t L = c->L, G = c->G;
     int32_t qi = -1, k = -1;
-    double v = INFINITY;
-    /* the root: the least value over the first node's stage count (and k, in run_dp's table) */
-    int32_t khi = kf != NULL ? n : (int32_t)imin64(L, (int64_t)n * G);
-    for (int32_t kk = n; kk <= khi; kk++) {
-        for (int32_t i = 0; i < c->nq; i++) {
-            double w = trace_value(c, kf, 0, n, kk, c->pstart[i] + c->qs[i] - 1);
-            if (w < v) {
-                v = w;
-                qi = i;
-                k = kk;
-            }
-        }
-    }
+    double v = trace_root(c, kf, n, &qi, &k);
     if (qi < 0)
         return INFINITY;
     int32_t x = 0, j = n, t = c->qs[qi], S = 0;
