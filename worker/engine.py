@@ -103,6 +103,9 @@ class TrainingEngine:
         #: layers are the deterministic initial ones, and the caller restores from the job's
         #: checkpoint when one exists (never train from scratch past a checkpoint).
         self.fresh = True
+        #: The last exchange: ``exchange_s``, and ``copies`` (in all) and ``received`` (by this
+        #: rank) when layers were exchanged; empty while one runs or after one failed.
+        self.last_exchange: dict[str, float] = {}
         self._setup(plan, rank, init)
         try:
             self._exchange({})
@@ -197,6 +200,7 @@ class TrainingEngine:
         anywhere (a fresh job), every rank keeps its deterministic initial layers.
         """
         t0 = time.perf_counter()
+        self.last_exchange = {}
         mine = RankFacts(
             layers={i: layerstate.state_bytes(st) for i, st in carried.items()},
             position=self.position.to_dict() if carried else None,
@@ -209,7 +213,8 @@ class TrainingEngine:
         plan = plan_exchange(everyone, [a.layer_indices for a in self.assignments], self.model.num_layers)
         self.fresh = plan.fresh
         if plan.fresh:
-            return {"exchange_s": time.perf_counter() - t0}
+            self.last_exchange = {"exchange_s": time.perf_counter() - t0}
+            return self.last_exchange
         roll = plan.rolled.get(self.rank)
         if roll is not None:
             carried = layerstate.roll_forward(carried, self.spec.optimizer, roll.sq_total, roll.step_index)
@@ -233,7 +238,12 @@ class TrainingEngine:
         states = {i: carried[i] for i in self.me.layer_indices if i in carried}
         states.update(received)
         self.import_layers(states)
-        return {"exchange_s": time.perf_counter() - t0, "copies": float(len(plan.copies))}
+        self.last_exchange = {
+            "exchange_s": time.perf_counter() - t0,
+            "copies": float(len(plan.copies)),
+            "received": float(len(received)),
+        }
+        return self.last_exchange
 
     def reconfigure(
         self, plan: PlanSpec, rank: int, init: DistInit, *, before_copy: Callable[[], None] | None = None

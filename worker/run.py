@@ -301,7 +301,16 @@ class Worker:
                 step,
                 step,
             )
-        log.info("%s: ready at step %d (regroup %.3fs, copy %.3fs)", self._who(), step, regroup_s, copy_s)
+        exchanged = self.engine.last_exchange
+        log.info(
+            "%s: ready at step %d (regroup %.3fs, copy %.3fs; received %d layers, %d copies in all)",
+            self._who(),
+            step,
+            regroup_s,
+            copy_s,
+            exchanged.get("received", 0),
+            exchanged.get("copies", 0),
+        )
         self.link.report_ready(cmd.generation, regroup_s=regroup_s, copy_s=copy_s, step=step)
 
     # -- steps ----------------------------------------------------------------------------------
