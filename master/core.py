@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from oobleck.master import planning
+from oobleck.master import messages, planning
 from oobleck.master.config import MasterConfig
 from oobleck.master.detect import DetectConfig
 from oobleck.master.detection import DetectionMixin
@@ -57,20 +57,12 @@ from oobleck.master.scaleup import ScaleUpConfig
 from oobleck.master.sessions import SessionsMixin
 from oobleck.master.states import ACTIVE_JOB_STATES, JobState, NodeState
 from oobleck.master.store import CommandRow, EventRow, JobRow, NodeRow, StoreError
-from oobleck.protos.v1 import plan_pb2
 
 __all__ = ["Master", "MasterError", "RegisterInfo", "StateUnavailable"]
 
 log = logging.getLogger(__name__)
 
 JOB_TASK_ATTEMPTS = 3  # a reconfiguration or settle that fails unexpectedly this often fails the job
-
-
-def pipelines_of(plan: bytes) -> tuple[tuple[int, ...], ...]:
-    """The pipelines (node ids in stage order) of a serialized plan (none for b"")."""
-    if not plan:
-        return ()
-    return tuple(tuple(p.node_ids) for p in plan_pb2.Plan.FromString(plan).pipelines)
 
 
 class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMixin, RolloutMixin):
@@ -140,7 +132,7 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
     def pipelines(self) -> tuple[tuple[int, ...], ...]:
         return self._pipelines
 
-    def _set_plan(self, plan: plan_pb2.Plan | None) -> None:
+    def _set_plan(self, plan: Any) -> None:
         """The one place the plan in force changes (None: no plan, e.g. while paused): the job's
         plan (persisted with the job, shown by GetStatus) and the pipelines derived from it."""
         assert self.job is not None
@@ -191,7 +183,7 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
             # Older state files kept the pipelines beside the plan, and a paused job's old plan.
             if job.plan_json.pop("pipelines", None) == [] or job.state == JobState.PAUSED:
                 job.plan = b""
-            self._pipelines = pipelines_of(job.plan)
+            self._pipelines = messages.plan_pipelines(job.plan)
             self.metrics.generation.set(job.generation)
             self.metrics.step.set(job.step)
         self.events.load(
@@ -335,8 +327,7 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
             view.step, view.total_steps = job.step, job.total_steps
             view.loss, view.samples_per_s = self.loss, self.samples_per_s
             if job.plan:
-                view.plan = plan_pb2.Plan.FromString(job.plan)
-                view.plan.rendezvous.ClearField("secret")  # for the plan's nodes only, never shown
+                view.plan = messages.plan_for_status(job.plan)
         return view
 
     def status_dict(self) -> dict[str, Any]:
@@ -434,7 +425,7 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
             for node_id, row in rows.items():
                 if node_id in self.nodes:
                     self.nodes[node_id].row.__dict__.update(row.__dict__)
-            self._pipelines = pipelines_of(job.plan) if job is not None else ()
+            self._pipelines = messages.plan_pipelines(job.plan) if job is not None else ()
             self.ctx = ctx
             self.metrics.generation.set(self.generation)
             self._update_node_metrics()

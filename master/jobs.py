@@ -13,7 +13,6 @@ from oobleck.master import generations, planning, profiles
 from oobleck.master.records import MasterError, NodeRuntime, StateUnavailable
 from oobleck.master.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, NodeState, move_job, move_node
 from oobleck.master.store import JobRow
-from oobleck.protos.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +226,7 @@ class JobsMixin:
         node = self._existing(node_id)
         if node.row.state == NodeState.DEAD:
             raise MasterError("FAILED_PRECONDITION", f"node_id: node {node_id} is already dead")
-        row = self._command(node_id, "kill", kill=agent_pb2.Kill(reason="fault drill requested by operator"))
+        row = self._command(node_id, "kill", reason="fault drill requested by operator")
         await self._commit_and_send(
             [row], [self._new_event("kill_requested", "fault drill", node_id=node_id)], [], False
         )

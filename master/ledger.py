@@ -18,12 +18,12 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from oobleck.master import messages
 from oobleck.master.config import MasterConfig
 from oobleck.master.eventlog import EventLog
 from oobleck.master.metrics import MasterMetrics
 from oobleck.master.records import NodeRuntime, PendingCommand, StateUnavailable
 from oobleck.master.store import AsyncStore, CommandRow, EventRow, JobRow, NodeRow, StoreError
-from oobleck.protos.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,10 @@ class Ledger:
 
     # -- commands -------------------------------------------------------------------------------------
     def command(self, node_id: int, generation: int, kind: str, **body: Any) -> CommandRow:
+        """A new command row (see :func:`~oobleck.master.messages.command` for ``body``)."""
         cmd_id = self.next_command_id
         self.next_command_id += 1
-        msg = agent_pb2.Command(command_id=cmd_id, generation=generation, **body)
-        return CommandRow(cmd_id, node_id, generation, kind, msg.SerializeToString())
+        return CommandRow(cmd_id, node_id, generation, kind, messages.command(cmd_id, generation, kind, **body))
 
     def deliver(self, rows: list[CommandRow], nodes: Mapping[int, NodeRuntime]) -> list[PendingCommand]:
         """Track ``rows`` as pending and send each to its node's session (if attached)."""
@@ -137,7 +137,7 @@ class Ledger:
             out.append(pc)
             node = nodes.get(row.node_id)
             if node is not None and node.session is not None:
-                node.session.send(agent_pb2.MasterMessage(command=agent_pb2.Command.FromString(row.payload)))
+                node.session.send(messages.command_message(row.payload))
         return out
 
     def resend(self, node: NodeRuntime) -> None:
@@ -145,7 +145,7 @@ class Ledger:
         seen (it repeats the ack it gave, phases and ready step included, or acks once done)."""
         for cmd_id in sorted(p for p, pc in self.pending.items() if pc.row.node_id == node.row.node_id):
             payload = self.pending[cmd_id].row.payload
-            node.session.send(agent_pb2.MasterMessage(command=agent_pb2.Command.FromString(payload)))
+            node.session.send(messages.command_message(payload))
 
     async def commit_and_send(
         self,

@@ -15,11 +15,10 @@ import logging
 import uuid
 from typing import Any
 
-from oobleck.master import planning, profiles
+from oobleck.master import messages, planning, profiles
 from oobleck.master.records import MasterError, NodeLost, PendingCommand, StateUnavailable
 from oobleck.master.states import JobState, move_job
 from oobleck.master.store import JobRow
-from oobleck.protos.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class ProfilingMixin:
                 pc = p
                 break
         if pc is None:
-            row = self._command(node.node_id, "profile", profile=agent_pb2.Profile(job_spec_yaml=spec_yaml))
+            row = self._command(node.node_id, "profile", spec_yaml=spec_yaml)
             what = f"measuring {spec.model.name} on node {node.node_id}"
             ev = self._new_event("profiling", what, node_id=node.node_id)
             (pc,) = await self._commit_and_send([row], [ev], [], False)
@@ -158,7 +157,7 @@ class ProfilingMixin:
             from oobleck.common.jobspec import parse_job_spec
             from oobleck.common.validate import ConfigError
 
-            yaml_text = agent_pb2.Command.FromString(pc.row.payload).profile.job_spec_yaml
+            yaml_text = messages.profile_spec_of(pc.row.payload)
             try:
                 spec = await asyncio.to_thread(parse_job_spec, yaml_text)
             except ConfigError:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from oobleck.master.store import CommandRow, NodeRow
-from oobleck.protos.v1 import agent_pb2, plan_pb2
 
 STATUS_NODES = 1000  # nodes listed in /api/status (ListNodes pages through all)
 
@@ -94,9 +94,9 @@ class SessionHandle:
     """The outgoing side of one agent session: messages queued for the stream writer."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[agent_pb2.MasterMessage | Close] = asyncio.Queue()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()  # MasterMessage, or Close
 
-    def send(self, msg: agent_pb2.MasterMessage) -> None:
+    def send(self, msg: Any) -> None:
         self.queue.put_nowait(msg)
 
     def close(self, code: str | None = None, message: str = "") -> None:
@@ -162,7 +162,7 @@ class StatusView:
     nodes_alive: int = 0
     nodes_dead: int = 0
     spares: int = 0
-    plan: plan_pb2.Plan | None = None
+    plan: Any = None  # the plan in force (oobleck.v1.Plan, secret cleared), None without one
 
 
 @dataclass

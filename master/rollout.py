@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from oobleck.master import generations, planning
 from oobleck.master.records import Ack, AckOutcome, PendingCommand, StateUnavailable, degradation
 from oobleck.master.states import ACTIVE_JOB_STATES, JobState, NodeState, move_job, move_node
 from oobleck.master.store import CommandRow, NodeRow
-from oobleck.protos.v1 import agent_pb2, plan_pb2
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class RolloutMixin:
         return {n: node.row.state for n, node in self.nodes.items()}
 
     def _apply(
-        self, change: generations.Install, plan: plan_pb2.Plan | None = None, *, stop_reason: str = ""
+        self, change: generations.Install, plan: Any = None, *, stop_reason: str = ""
     ) -> tuple[list[NodeRow], list[CommandRow]]:
         """Carry out ``change`` in memory (inside a transaction): the node rows it moved, and the
         command rows for the current generation (not yet persisted or sent)."""
@@ -384,13 +384,11 @@ class RolloutMixin:
             changed.append(row)
         rows = []
         for node_id, kind in change.commands:
-            if kind == "start":
-                body = {"start": agent_pb2.Start(plan=plan, job_spec_yaml=self.job.spec_yaml)}
-            elif kind == "reconfigure":
-                body = {"reconfigure": agent_pb2.Reconfigure(plan=plan)}
-            elif kind == "drain":
-                body = {"drain": agent_pb2.Drain(reason=generations.DRAINED_BY_OPERATOR)}
-            else:
-                body = {"stop": agent_pb2.Stop(reason=stop_reason)}
-            rows.append(self._command(node_id, kind, **body))
+            if kind in ("start", "reconfigure"):
+                rows.append(
+                    self._command(node_id, kind, plan=plan, spec_yaml=self.job.spec_yaml if kind == "start" else "")
+                )
+            else:  # drain, stop
+                why = generations.DRAINED_BY_OPERATOR if kind == "drain" else stop_reason
+                rows.append(self._command(node_id, kind, reason=why))
         return changed, rows

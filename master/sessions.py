@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from oobleck.common.version import agent_protocol_problem
-from oobleck.master import membership, planning
+from oobleck.master import membership, messages, planning
 from oobleck.master.records import (
     MasterError,
     NodeRuntime,
@@ -23,7 +23,6 @@ from oobleck.master.records import (
 )
 from oobleck.master.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, NodeState
 from oobleck.master.store import NodeRow, StoreError
-from oobleck.protos.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class SessionsMixin:
         if self._terms[0] >= 1.25 * self._terms_sent[0]:
             self._terms_sent = self._terms
             interval_s, timeout_s = self._terms
-            msg = agent_pb2.MasterMessage(terms=agent_pb2.HeartbeatTerms(interval_s=interval_s, timeout_s=timeout_s))
+            msg = messages.terms_message(interval_s, timeout_s)
             for node in self.live.values():
                 node.interval_s, node.timeout_s = interval_s, timeout_s
                 if node.session is not None:
@@ -147,8 +146,8 @@ class SessionsMixin:
         node.reattach_by_s = None
         node.last_seen_s = self.clock()
         if node.interval_s is not None and node.interval_s > self.config.heartbeat_interval_s:
-            terms = agent_pb2.HeartbeatTerms(interval_s=node.interval_s, timeout_s=node.timeout_s or 0.0)
-            handle.send(agent_pb2.MasterMessage(terms=terms))  # what it was told, in case it missed it
+            # What it was told, in case it missed it.
+            handle.send(messages.terms_message(node.interval_s, node.timeout_s or 0.0))
         # Unacked commands are sent again, also those the agent has seen (command id <=
         # last_command_id): the ack sent before was lost with the old session or master.
         self.ledger.resend(node)
