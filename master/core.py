@@ -289,13 +289,22 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
     def _spawn_job_task(self, what: str, coro: Coroutine, retry: Callable[[], None] | None = None) -> asyncio.Task:
         """A task the job's progress depends on (a reconfiguration, waiting for a generation's
         acks): an unexpected failure is recorded, then retried (``retry``, or waiting for the
-        acks again); after JOB_TASK_ATTEMPTS failures in a row the job fails with the error."""
-        return self._spawn(coro, lambda exc: self._job_task_failed(what, exc, retry))
+        acks again); after JOB_TASK_ATTEMPTS failures in a row the job fails with the error.
+        The failure is handled inside the task, so the detector sees it busy until then (nothing
+        else, a scale-up say, starts in between)."""
+        return self._spawn(self._owned(what, coro, retry))
 
-    async def _job_task_failed(self, what: str, exc: BaseException, retry: Callable[[], None] | None) -> None:
+    async def _owned(self, what: str, coro: Coroutine, retry: Callable[[], None] | None) -> None:
+        try:
+            await coro
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the owner acts on anything unexpected
+            log.error("%s failed", what, exc_info=exc)
+            why = f"{what} failed: {type(exc).__name__}: {exc}"
         self._job_task_failures += 1
         n = self._job_task_failures
-        why = f"{what} failed: {type(exc).__name__}: {exc}"
         if n >= JOB_TASK_ATTEMPTS:
             await self._record("job_task_failed", f"{why} ({n} times in a row): the job fails")
             try:
@@ -303,9 +312,9 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
             except StateUnavailable as failed:
                 log.error("job failed (%s); recording it waits for the state file: %s", why, failed)
             return
-        await self._record("job_task_failed", f"{why} (attempt {n} of {JOB_TASK_ATTEMPTS}): retried")
         if retry is not None:
             retry()
+        await self._record("job_task_failed", f"{why} (attempt {n} of {JOB_TASK_ATTEMPTS}): retried")
         self._resettle()
 
     # -- views ---------------------------------------------------------------------------------------

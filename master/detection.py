@@ -57,16 +57,23 @@ class DetectionMixin:
             added, why = decide_scale_up(now, self.scale_state(), self.scale_config)
             if added:
                 log.info("detector: %s", why)
-                generation = self.generation
+                self._reconfig_task = self._spawn(self._owned_scale_up(added))
 
-                async def skip(exc: BaseException) -> None:  # no second try onto them in this generation
-                    self._scale_tried = (generation, frozenset(added))
-                    await self._record(
-                        "scale_up_failed", f"spares {list(added)} stay spares: {type(exc).__name__}: {exc}"
-                    )
-                    self._resettle()
-
-                self._reconfig_task = self._spawn(self._scale_up(added), skip)
+    async def _owned_scale_up(self, added: tuple[int, ...]) -> None:
+        """A scale-up whose failure is recorded and not retried onto these spares in this
+        generation (the job runs on as it is)."""
+        generation = self.generation
+        try:
+            await self._scale_up(added)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the owner acts on anything unexpected
+            log.error("scale-up onto %s failed", list(added), exc_info=exc)
+            why = f"{type(exc).__name__}: {exc}"
+        self._scale_tried = (generation, frozenset(added))
+        await self._record("scale_up_failed", f"spares {list(added)} stay spares: {why}")
+        self._resettle()
 
     def _note_lag(self, now: float, lag_s: float) -> None:
         """Record how late a detector tick ran (the event loop's backlog) and keep the window's

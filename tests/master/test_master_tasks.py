@@ -100,3 +100,28 @@ def test_a_paused_job_shows_no_plan_anywhere(tmp_path):
             await channel.close()
 
     run(body())
+
+
+def test_an_unexpected_error_in_a_scale_up_is_recorded_and_the_job_runs_on(tmp_path):
+    async def body():
+        planner = make_fake_planner()
+        async with running_master(tmp_path, planner=planner, scale_up_delay_s=0.1) as srv:
+            agents, channel, stub = await started(srv, 2)
+
+            def scale_up(*args, **kw):
+                raise RuntimeError("injected scale-up bug")
+
+            planner.scale_up = scale_up
+            spare = await FakeAgent(srv.target, "spare").start()
+            await wait_until(
+                lambda: any(e.kind == "scale_up_failed" for e in srv.master.events.recent), what="scale_up_failed"
+            )
+            failed = [e.message for e in await events(stub) if e.kind == "scale_up_failed"]
+            assert failed == [f"spares [{spare.node_id}] stay spares: RuntimeError: injected scale-up bug"]
+            assert srv.master.job.state == "RUNNING" and srv.master.generation == 1
+            assert srv.master.nodes[spare.node_id].row.state == "spare"
+            for a in [*agents, spare]:
+                await a.close()
+            await channel.close()
+
+    run(body())
