@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from support.waiting import wait_on
 
 from oobleck.common.auth import TokenAuthInterceptor
 from oobleck.common.tls import ServerTls, add_port
@@ -177,17 +178,17 @@ class FakeMaster:
         count: int = 1,
     ) -> list[Event]:
         """Wait until ``count`` events of ``kind`` (matching ``predicate``) arrived after ``after``."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                found = [e for e in self._events[after:] if e.kind == kind and (predicate is None or predicate(e.msg))]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    kinds = [e.kind for e in self._events[after:]][-30:]
-                    raise AssertionError(f"timed out waiting for {count} {kind!r} events; last events: {kinds}")
-                self._cond.wait(left)
+
+        def found():
+            hits = [e for e in self._events[after:] if e.kind == kind and (predicate is None or predicate(e.msg))]
+            return hits if len(hits) >= count else None
+
+        try:
+            return wait_on(self._cond, found, timeout_s, f"{count} {kind!r} events")
+        except AssertionError as exc:
+            with self._cond:
+                kinds = [e.kind for e in self._events[after:]][-30:]
+            raise AssertionError(f"{exc}; last events: {kinds}") from None
 
     # -- commands --------------------------------------------------------------------------
 
@@ -203,9 +204,12 @@ class FakeMaster:
 
 
 def make_plan(generation: int, node_ids: list[int], slots: int, store_port: int) -> plan_pb2.Plan:
+    """One pipeline of ``node_ids`` (one stage of one layer per node, on all its slots)."""
     ranks = [plan_pb2.NodeRanks(node_id=n, ranks=range(i * slots, (i + 1) * slots)) for i, n in enumerate(node_ids)]
+    stages = [plan_pb2.Stage(layer_start=i, layer_end=i + 1, node_index=i, gpus=slots) for i in range(len(node_ids))]
     return plan_pb2.Plan(
         generation=generation,
+        templates=[plan_pb2.Template(num_nodes=len(node_ids), stages=stages)],
         pipelines=[plan_pb2.Pipeline(node_ids=node_ids, microbatches=4)],
         ranks=ranks,
         rendezvous=plan_pb2.Endpoint(host="127.0.0.1", port=store_port, secret="0f" * 16),

@@ -8,7 +8,7 @@ import yaml
 from oobleck.common.jobspec import JobSpec, load_job_spec, parse_job_spec
 from oobleck.common.validate import ConfigError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {
     "model": {"name": "gpt"},
     "global_batch_size": 16,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from support.waiting import poll_until
 
 from oobleck.common import procs
 from oobleck.common.files import write_secret
@@ -211,37 +212,25 @@ class Cluster:
 
     def wait_status(self, predicate, what: str, timeout_s: float = 90.0) -> admin_pb2.GetStatusResponse:
         """Poll GetStatus until ``predicate(status)``; fails early when the job ends otherwise."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        def probe():
             status = self.status()
-            if predicate(status):
-                return status
-            if status.state in (admin_pb2.JOB_STATE_FAILED, admin_pb2.JOB_STATE_CANCELLED):
+            if status.state in (admin_pb2.JOB_STATE_FAILED, admin_pb2.JOB_STATE_CANCELLED) and not predicate(status):
                 raise AssertionError(f"job ended while waiting for {what}: {status}\n{self.logs()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; last status: {status}\n{self.logs()}")
-            time.sleep(POLL_S)
+            return (status,) if predicate(status) else None
+
+        return self.wait(probe, what, timeout_s)[0]
 
     def wait(self, predicate, what: str, timeout_s: float = 60.0):
-        """Poll ``predicate()`` until it returns something true (returned), with a deadline."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            found = predicate()
-            if found:
-                return found
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
-            time.sleep(POLL_S)
+        """Poll ``predicate()`` until it returns something true (returned), with a deadline; the
+        cluster's logs are in the failure."""
+        try:
+            return poll_until(predicate, what, timeout_s, POLL_S)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def wait_nodes(self, predicate, what: str, timeout_s: float = 60.0):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            nodes = self.nodes()
-            if predicate(nodes):
-                return nodes
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; nodes: {nodes}\n{self.logs()}")
-            time.sleep(POLL_S)
+        return self.wait(lambda: (nodes,) if predicate(nodes := self.nodes()) else None, what, timeout_s)[0]
 
     def node_ids(self) -> dict[str, int]:
         return {n.name: n.node_id for n in self.nodes()}

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+from support.waiting import wait_until  # noqa: F401  (the suites import it from here)
 
 from oobleck.common.files import write_secret
 from oobleck.common.tls import ClientTls, aio_channel
@@ -138,16 +139,6 @@ def write_setup(tmp: Path) -> dict[str, str]:
         "admin_token_file": str(tmp / "admin.token"),
         "profile": str(tmp / "profile.json"),
     }
-
-
-async def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate`` on the event loop until true (a deadline, not a sleep-as-sync)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def admin_stub(target: str, *, token: str = ADMIN_TOKEN, tls: ClientTls | None = None):

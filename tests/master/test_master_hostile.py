@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from master_fakes import FakeAgent, MasterProcess, admin_stub, job_spec_yaml, wait_until
+from support.waiting import poll_until_async
 
 from oobleck.protos.v1 import admin_pb2, agent_pb2
 
@@ -80,15 +81,7 @@ def test_forged_step_reports_neither_advance_nor_end_the_job(master, tmp_path):
 
 
 async def wait_until_async(predicate, stub, timeout_s: float = 10.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        s = await status(stub)
-        if predicate(s):
-            return s
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out; last status {s}")
-        await asyncio.sleep(0.02)
+    return await poll_until_async(lambda: status(stub), predicate, "a status", timeout_s)
 
 
 def test_control_characters_from_a_node_reach_no_log_event_or_terminal_raw(master, tmp_path):
