@@ -139,13 +139,13 @@ def to_plan_proto(
     templates: Any,
     pipelines: Sequence[Any],
     ranks: Mapping[int, Sequence[int]],
-    copies: Sequence[Any],
     nodes: Mapping[int, NodeInfo],
     resume_step: int,
     restore_from_checkpoint: bool,
     secret: str | None = None,
 ) -> plan_pb2.Plan:
-    """Planner dataclasses (PipelinePlan, LayerCopy, TemplateSet) -> ``oobleck.v1.Plan``.
+    """Planner dataclasses (PipelinePlan, TemplateSet) -> ``oobleck.v1.Plan`` (the planner's layer
+    copies stay with the master: workers decide theirs from what every rank carries).
 
     Every plan gets a fresh rendezvous ``secret`` (unless one is given): a plan is one
     generation, and a generation's store keys must not be derivable from an earlier one's.
@@ -158,7 +158,6 @@ def to_plan_proto(
         templates=_templates_proto(templates),
         pipelines=[plan_pb2.Pipeline(node_ids=list(p.nodes), microbatches=p.microbatches) for p in pipelines],
         ranks=[plan_pb2.NodeRanks(node_id=n, ranks=list(r)) for n, r in sorted(ranks.items())],
-        copies=[plan_pb2.LayerCopy(layer=c.layer, src_node=c.src, dst_node=c.dst, bytes=c.bytes) for c in copies],
         rendezvous=plan_pb2.Endpoint(host=first.address, port=first.store_port, secret=secret),
         resume_step=resume_step,
         world_size=sum(len(r) for r in ranks.values()),
@@ -209,7 +208,6 @@ def first_layout(
         templates=ctx.templates,
         pipelines=inst.pipelines,
         ranks={n: ranks[n] for p in pipelines for n in p},
-        copies=(),
         nodes=by_id,
         resume_step=resume_step,
         restore_from_checkpoint=restore_from_checkpoint,
@@ -282,7 +280,6 @@ def _from_reconfiguration(
         templates=ctx.templates,
         pipelines=rec.pipelines,
         ranks={n: r for n, r in ranks.items() if n in used},
-        copies=rec.copies,
         nodes=nodes,
         resume_step=resume_step,
         restore_from_checkpoint=bool(rec.restore_layers),

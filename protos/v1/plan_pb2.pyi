@@ -44,18 +44,6 @@ class NodeRanks(_message.Message):
     ranks: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, node_id: _Optional[int] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class LayerCopy(_message.Message):
-    __slots__ = ("layer", "src_node", "dst_node", "bytes")
-    LAYER_FIELD_NUMBER: _ClassVar[int]
-    SRC_NODE_FIELD_NUMBER: _ClassVar[int]
-    DST_NODE_FIELD_NUMBER: _ClassVar[int]
-    BYTES_FIELD_NUMBER: _ClassVar[int]
-    layer: int
-    src_node: int
-    dst_node: int
-    bytes: int
-    def __init__(self, layer: _Optional[int] = ..., src_node: _Optional[int] = ..., dst_node: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
-
 class Endpoint(_message.Message):
     __slots__ = ("host", "port", "secret")
     HOST_FIELD_NUMBER: _ClassVar[int]
@@ -67,12 +55,11 @@ class Endpoint(_message.Message):
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("generation", "templates", "pipelines", "ranks", "copies", "rendezvous", "resume_step", "world_size", "restore_from_checkpoint", "job_id")
+    __slots__ = ("generation", "templates", "pipelines", "ranks", "rendezvous", "resume_step", "world_size", "restore_from_checkpoint", "job_id")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     PIPELINES_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
-    COPIES_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -82,10 +69,9 @@ class Plan(_message.Message):
     templates: _containers.RepeatedCompositeFieldContainer[Template]
     pipelines: _containers.RepeatedCompositeFieldContainer[Pipeline]
     ranks: _containers.RepeatedCompositeFieldContainer[NodeRanks]
-    copies: _containers.RepeatedCompositeFieldContainer[LayerCopy]
     rendezvous: Endpoint
     resume_step: int
     world_size: int
     restore_from_checkpoint: bool
     job_id: str
-    def __init__(self, generation: _Optional[int] = ..., templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ..., pipelines: _Optional[_Iterable[_Union[Pipeline, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[NodeRanks, _Mapping]]] = ..., copies: _Optional[_Iterable[_Union[LayerCopy, _Mapping]]] = ..., rendezvous: _Optional[_Union[Endpoint, _Mapping]] = ..., resume_step: _Optional[int] = ..., world_size: _Optional[int] = ..., restore_from_checkpoint: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, generation: _Optional[int] = ..., templates: _Optional[_Iterable[_Union[Template, _Mapping]]] = ..., pipelines: _Optional[_Iterable[_Union[Pipeline, _Mapping]]] = ..., ranks: _Optional[_Iterable[_Union[NodeRanks, _Mapping]]] = ..., rendezvous: _Optional[_Union[Endpoint, _Mapping]] = ..., resume_step: _Optional[int] = ..., world_size: _Optional[int] = ..., restore_from_checkpoint: _Optional[bool] = ..., job_id: _Optional[str] = ...) -> None: ...

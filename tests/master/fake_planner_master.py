@@ -3,7 +3,8 @@
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # master_fakes; support
+sys.path.insert(0, str(Path(__file__).parents[1]))  # support
+sys.path.insert(0, str(Path(__file__).parent))  # master_fakes
 
 from master_fakes import make_fake_planner
 

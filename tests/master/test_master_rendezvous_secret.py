@@ -14,7 +14,7 @@ def _plan(**kwargs):
     pipes = [pt.PipelinePlan(1, (1,), 2, 1.0), pt.PipelinePlan(1, (2,), 2, 1.0)]
     return planning.to_plan_proto(
         generation=3, templates=pt.TemplateSet(pt.NodeSpec(1, 1, 1, (1, 1)), ()), pipelines=pipes,
-        ranks={1: (0,), 2: (1,)}, copies=(), nodes=nodes, resume_step=0, restore_from_checkpoint=False, **kwargs,
+        ranks={1: (0,), 2: (1,)}, nodes=nodes, resume_step=0, restore_from_checkpoint=False, **kwargs,
     )  # fmt: skip
 
 

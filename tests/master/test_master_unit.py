@@ -239,12 +239,12 @@ def test_plan_proto_conversion_uses_first_node_as_rendezvous():
     tset = pt.TemplateSet(pt.NodeSpec(1, 2, 1, (1, 2)), ())
     plan = planning.to_plan_proto(
         generation=9, templates=tset, pipelines=pipes, ranks=ranks,
-        copies=[pt.LayerCopy(1, 4, 5, 10)], nodes=nodes, resume_step=12, restore_from_checkpoint=False,
+        nodes=nodes, resume_step=12, restore_from_checkpoint=False,
     )  # fmt: skip
     assert plan.generation == 9 and plan.world_size == 6 and plan.resume_step == 12
     assert (plan.rendezvous.host, plan.rendezvous.port) == ("10.0.0.4", 4004)
     assert list(plan.pipelines[0].node_ids) == [4, 3] and plan.pipelines[0].microbatches == 3
-    assert plan.copies[0].src_node == 4 and plan.copies[0].dst_node == 5
+    assert not plan.HasField("rendezvous") or plan.rendezvous.secret  # a fresh secret per plan
 
 
 def test_token_helpers(tmp_path):
