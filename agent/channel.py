@@ -2,7 +2,9 @@
 
 The servicer only records facts on the agent (heartbeat times, reports) and streams each
 worker's command queue to it; decisions stay in :mod:`oobleck.agent.daemon`. The socket file
-is made private to the agent's user (mode 0600).
+is made private to the agent's user (mode 0600). Protobuf stops here, on the workers' side:
+requests become plain reports, and each queued :class:`~oobleck.agent.workers.WorkerOrder` a
+``WorkerCommand`` message as it is sent.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from oobleck.agent.readiness import ReadyReport
+from oobleck.agent.workers import StepReport, WorkerOrder
+from oobleck.common.worker_link import RECONFIGURE, START
 from oobleck.protos.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
@@ -21,6 +26,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # plans for large clusters travel here
+
+
+def order_message(order: WorkerOrder) -> worker_pb2.WorkerCommand:
+    """The ``WorkerCommand`` message of ``order``."""
+    if order.kind == START:
+        start = worker_pb2.WorkerStart(plan=order.plan, job_spec_yaml=order.job_spec_yaml, node_id=order.node_id)
+        return worker_pb2.WorkerCommand(generation=order.generation, start=start)
+    if order.kind == RECONFIGURE:
+        reconfigure = worker_pb2.WorkerReconfigure(plan=order.plan)
+        return worker_pb2.WorkerCommand(generation=order.generation, reconfigure=reconfigure)
+    return worker_pb2.WorkerCommand(generation=order.generation, stop=worker_pb2.WorkerStop(reason=order.reason))
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -35,22 +51,34 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return
         # Streams until the worker goes away (the call is cancelled) or the agent stops.
         while True:
-            yield await worker.commands.get()
+            yield order_message(await worker.commands.get())
 
     async def Heartbeat(self, request, context):
         self._agent.on_worker_heartbeat(request.slot)
         return worker_pb2.WorkerHeartbeatResponse()
 
     async def ReportStep(self, request, context):
-        self._agent.on_worker_step(request)
+        self._agent.on_worker_step(
+            StepReport(
+                slot=request.slot,
+                generation=request.generation,
+                step=request.step,
+                loss=request.loss,
+                samples_per_s=request.samples_per_s,
+                samples=request.samples,
+            )
+        )
         return worker_pb2.ReportStepResponse()
 
     async def ReportReady(self, request, context):
-        self._agent.on_worker_ready(request)
+        step = request.step if request.HasField("step") else None
+        self._agent.on_worker_ready(
+            ReadyReport(request.slot, request.generation, request.regroup_s, request.copy_s, step)
+        )
         return worker_pb2.ReportReadyResponse()
 
     async def ReportError(self, request, context):
-        self._agent.on_worker_error(request)
+        self._agent.on_worker_error(request.slot, request.generation, request.message, request.fatal)
         return worker_pb2.ReportErrorResponse()
 
 

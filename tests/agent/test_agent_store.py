@@ -17,7 +17,7 @@ import socket
 import pytest
 import torch.distributed as dist
 
-from oobleck.agent.daemon import _create_store, store_listen_host
+from oobleck.agent.store import create_store, store_listen_host
 from oobleck.worker.engine import DistInit, RendezvousTampered, SecretKeyStore, _make_store
 
 SECRET = "a1" * 16
@@ -60,7 +60,7 @@ def test_listen_host_is_the_address_other_nodes_are_given_when_it_is_one() -> No
 
 
 def test_store_listens_only_on_the_bound_address() -> None:
-    store, port, where = _create_store("127.0.0.1", 0, master_on_loopback=True)
+    store, port, where = create_store("127.0.0.1", 0, master_on_loopback=True)
     assert where == "127.0.0.1"
     client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=5))
     client.set("k", "v")
@@ -76,12 +76,12 @@ def test_a_fixed_port_and_an_address_of_another_host(caplog) -> None:
     with socket.socket() as probe:  # a free port, for the fixed-port case
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
-    store, port, where = _create_store("127.0.0.1", free, master_on_loopback=True)
+    store, port, where = create_store("127.0.0.1", free, master_on_loopback=True)
     assert (port, where) == (free, "127.0.0.1")
     del store
     # Not an address of this host (a NAT'd address, say): every interface, and a warning saying why.
-    with caplog.at_level(logging.WARNING, logger="oobleck.agent.daemon"):
-        store, port, where = _create_store("203.0.113.7", 0, master_on_loopback=False)
+    with caplog.at_level(logging.WARNING, logger="oobleck.agent.store"):
+        store, port, where = create_store("203.0.113.7", 0, master_on_loopback=False)
     assert where == "all interfaces"
     assert "is not an address of this host" in caplog.text and "set address" in caplog.text
     socket.create_connection(("127.0.0.2", port), timeout=5).close()
@@ -104,7 +104,7 @@ def _rank(rank: int, port: int, secret: str, done) -> None:
 
 
 def test_a_client_without_the_secret_cannot_find_read_or_forge_a_generations_keys() -> None:
-    store, port, _ = _create_store("127.0.0.1", 0, master_on_loopback=True)
+    store, port, _ = create_store("127.0.0.1", 0, master_on_loopback=True)
     ctx = multiprocessing.get_context("spawn")
     done = ctx.Queue()
     ranks = [ctx.Process(target=_rank, args=(r, port, SECRET, done)) for r in range(2)]

@@ -87,7 +87,7 @@ def test_cli_rejects_a_bad_config_with_status_2(tmp_path, capsys):
 
 
 def test_gpu_memory_from_nvidia_smi():
-    from oobleck.agent.daemon import parse_gpu_memory_mib
+    from oobleck.agent.probes import parse_gpu_memory_mib
 
     assert parse_gpu_memory_mib("81559\n81559\n40960\n") == 40960 * 2**20
     assert parse_gpu_memory_mib("") == 0
