@@ -8,12 +8,10 @@ variables (see :data:`ENV_OVERRIDES`), command-line flags. Every field has a fla
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from oobleck.common import configsrc
 from oobleck.common import validate as v
 from oobleck.common.tls import split_host_port
 from oobleck.common.validate import ConfigError
@@ -144,36 +142,9 @@ class MasterConfig:
         return bool(self.tls_cert_file)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(MasterConfig)}
-
-
-def _field_kind(name: str) -> type:
-    default = _FIELDS[name].default
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    return str
-
-
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """``--config`` plus one flag per MasterConfig field (default None: 'not given')."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file with MasterConfig fields")
-    for name in _FIELDS:
-        flag = "--" + name.replace("_", "-")
-        kind = _field_kind(name)
-        if kind is bool:
-            parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=f"set {name}"
-            )
-        else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=name.upper(), help=f"{name}")
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    return v.load_yaml_config(path, set(_FIELDS))
+    configsrc.add_flags(parser, MasterConfig)
 
 
 def config_from_sources(
@@ -183,28 +154,11 @@ def config_from_sources(
     file_data: dict[str, Any] | None = None,
 ) -> MasterConfig:
     """Merge defaults < YAML < environment < flags into a validated :class:`MasterConfig`."""
-    values: dict[str, Any] = {}
-    config_path = getattr(args, "config", None) if args is not None else None
-    if file_data is None and config_path:
-        file_data = load_config_file(config_path)
-    values.update(file_data or {})
-    env = os.environ if environ is None else environ
-    for var, name in ENV_OVERRIDES.items():
-        if env.get(var):
-            values[name] = env[var]
-    if args is not None:
-        for name in _FIELDS:
-            value = getattr(args, name, None)
-            if value is not None:
-                values[name] = value
-    for name in ("token_file", "admin_token_file"):
-        if name not in values:
-            raise ConfigError(name, f"required (flag --{name.replace('_', '-')} or the config file)")
-    # YAML may give ints for float fields.
-    for name, value in list(values.items()):
-        if _field_kind(name) is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-    try:
-        return MasterConfig(**values)
-    except TypeError as exc:  # pragma: no cover - unknown keys are rejected above
-        raise ConfigError("config", str(exc)) from exc
+    return configsrc.from_sources(
+        MasterConfig,
+        args,
+        file_data=file_data,
+        environ=environ,
+        env_overrides=ENV_OVERRIDES,
+        required=("token_file", "admin_token_file"),
+    )
