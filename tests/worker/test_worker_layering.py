@@ -1,5 +1,5 @@
-"""How the worker package sits among the others: the daemons and the CLI share contracts with it
-through oobleck.common only, its modules import each other without cycles, and stay small."""
+"""The worker's modules import each other without cycles (sizes and which package may import
+which: tests/repo/test_layering.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-MAX_LINES = 500
-#: Imports of oobleck.worker left in the master until it is moved (validate_model_config:
-#: oobleck.common.modelconfig). Remove an entry once its import is gone.
-PENDING = {"master/core.py"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -33,17 +29,7 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def test_daemons_and_cli_do_not_import_the_worker() -> None:
-    offenders = []
-    for folder in ("master", "agent", "cli", "common"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            rel = path.relative_to(ROOT).as_posix()
-            if rel not in PENDING and any(m.startswith("oobleck.worker") for m in _imports(path)):
-                offenders.append(rel)
-    assert offenders == []
-
-
-def test_worker_modules_import_each_other_without_cycles_and_stay_small() -> None:
+def test_worker_modules_import_each_other_without_cycles() -> None:
     modules = {p.stem: p for p in (ROOT / "worker").glob("*.py") if p.stem not in ("__init__", "__main__")}
     graph = {
         name: {m.split(".")[2] for m in _imports(path) if m.startswith("oobleck.worker.")} & set(modules)
@@ -61,5 +47,3 @@ def test_worker_modules_import_each_other_without_cycles_and_stay_small() -> Non
 
     for name in sorted(modules):
         walk(name, ())
-    sizes = {name: len(path.read_text().splitlines()) for name, path in modules.items()}
-    assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
