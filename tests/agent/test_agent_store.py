@@ -18,7 +18,9 @@ import pytest
 import torch.distributed as dist
 
 from oobleck.agent.store import create_store, store_listen_host
-from oobleck.worker.engine import DistInit, RendezvousTampered, SecretKeyStore, _make_store
+from oobleck.worker.rendezvous import DistInit
+from oobleck.worker.store import RendezvousTampered, SecretKeyStore
+from oobleck.worker.store import make_store as _make_store
 
 SECRET = "a1" * 16
 GENERATION = 5
