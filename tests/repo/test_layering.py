@@ -13,7 +13,7 @@ MAX_C_LINES = 800
 # The modules at the wire's edge: the only ones of each package that import generated *_pb2 code.
 PB2_EDGE = {
     "master": {"service.py", "planning.py", "messages.py"},
-    "agent": {"channel.py", "daemon.py", "session.py"},
+    "agent": {"channel.py", "session.py"},
     "worker": {"agent_link.py", "planmsg.py"},
     "cli": {"admin.py", "follow.py", "launch.py"},
     "common": set(),
