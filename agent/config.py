@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from oobleck.common import configsrc
 from oobleck.common import validate as v
 from oobleck.common.tls import is_loopback_host, split_host_port
 from oobleck.common.validate import ConfigError
@@ -122,9 +123,6 @@ class AgentConfig:
 
 #: Fields a user may set (YAML key or flag); ``worker_argv`` is derived.
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AgentConfig) if f.init)
-_BOOL_FIELDS = {"allow_insecure"}
-_FLOAT_FIELDS = {f.name for f in fields(AgentConfig) if f.name.endswith("_s")}
-_INT_FIELDS = {"slots", "store_port"}
 _HELP = {
     "master": "master's AgentService address HOST:PORT",
     "token_file": "file holding the agent bearer token",
@@ -156,25 +154,10 @@ _HELP = {
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` plus one flag per field; flags default to "not given"."""
-    parser.add_argument("--config", metavar="FILE", help="YAML file with the fields below (flags override it)")
-    for name in CONFIG_FIELDS:
-        flag = "--" + name.replace("_", "-")
-        if name in _BOOL_FIELDS:
-            parser.add_argument(flag, dest=name, action="store_true", default=None, help=_HELP[name])
-        else:
-            kind = float if name in _FLOAT_FIELDS else int if name in _INT_FIELDS else str
-            metavar = "SECONDS" if name in _FLOAT_FIELDS else "N" if kind is int else name.split("_")[-1].upper()
-            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=metavar, help=_HELP[name])
+    configsrc.add_flags(parser, AgentConfig, _HELP)
 
 
 def config_from_sources(config_file: str | None, overrides: dict[str, Any]) -> AgentConfig:
     """Merge the YAML file (if any) with flag values (``None`` = not given) and validate."""
-    data: dict[str, Any] = v.load_yaml_config(config_file, set(CONFIG_FIELDS)) if config_file else {}
-    data.update({k: val for k, val in overrides.items() if k in CONFIG_FIELDS and val is not None})
-    for required in ("master", "token_file"):
-        if required not in data:
-            raise ConfigError(required, f"missing (set --{required.replace('_', '-')} or {required} in --config)")
-    for name in _FLOAT_FIELDS & set(data):
-        if isinstance(data[name], int) and not isinstance(data[name], bool):
-            data[name] = float(data[name])
-    return AgentConfig(**data)
+    args = argparse.Namespace(**{k: val for k, val in overrides.items() if k in CONFIG_FIELDS})
+    return configsrc.from_sources(AgentConfig, args, config_file=config_file, required=("master", "token_file"))

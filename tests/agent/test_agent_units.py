@@ -70,7 +70,7 @@ def test_yaml_file_and_flag_overrides(tmp_path):
     path.write_text("master: 127.0.0.1:7000\ntoken_file: /tok\nslot: 4\n")
     with pytest.raises(ConfigError, match="slot: unknown field"):
         config_from_sources(str(path), {})
-    with pytest.raises(ConfigError, match="master: missing"):
+    with pytest.raises(ConfigError, match="master: required"):
         config_from_sources(None, {"token_file": "/tok"})
     with pytest.raises(ConfigError, match="slots: expected an integer"):
         config_from_sources(None, {**BASE, "slots": "many"})
