@@ -1,4 +1,7 @@
-"""Fault drills: the hold file (``OOBLECK_WORKER_HOLD_FILE``) that pauses a worker at a point.
+"""Fault injection behind one typed interface: :class:`Faults` is called at the named
+:class:`FaultPoint` s of a step and of a reconfiguration. Two kinds exist: :class:`FailAt` (tests:
+raise at a point of a step) and :class:`HoldFile`, the drill's hold file
+(``OOBLECK_WORKER_HOLD_FILE``) that pauses a worker at a point.
 
 While that file exists and its words include ``step`` (or it is empty), the worker starts no new
 step (it keeps applying commands); ``step@N`` does the same once N steps are done (training runs
@@ -10,14 +13,45 @@ being copied" reproducible. Unset (the default): nothing is checked.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 HOLD_POLL_S = 0.05  # how often a held worker looks at its hold file (and waits for commands)
+
+
+class FaultPoint(enum.StrEnum):
+    BACKWARD_DONE = "backward_done"  # a step's backward is done, before its gradient sync (n: the step)
+    VOTED = "voted"  # a step's commit vote is cast, before it is applied (n: the step)
+    BEFORE_COPY = "before_copy"  # a reconfiguration joined the new group, before the copy (n: generation)
+
+
+class Faults(Protocol):
+    def at(self, point: FaultPoint, n: int) -> None:
+        """Called when the worker reaches ``point``; raising there injects a fault."""
+
+
+@dataclass
+class FailAt:
+    """Raise ``RuntimeError(message)`` when ``point`` is reached at step ``step`` (the first time
+    only, with ``once``)."""
+
+    step: int
+    point: FaultPoint
+    message: str
+    once: bool = True
+    fired: bool = False
+
+    def at(self, point: FaultPoint, n: int) -> None:
+        if point == self.point and n == self.step and not (self.once and self.fired):
+            self.fired = True
+            raise RuntimeError(self.message)
 
 
 class HoldFile:
@@ -50,6 +84,10 @@ class HoldFile:
             self._holding = where
             log.info("%s: held %s by %s", self._who(), where, self.path)
         return True
+
+    def at(self, point: FaultPoint, n: int) -> None:
+        if point == FaultPoint.BEFORE_COPY:
+            self.wait_before_copy(n)
 
     def wait_before_copy(self, generation: int) -> None:
         while self.held("copy", f"before the layer copy of generation {generation}"):

@@ -43,6 +43,7 @@ from oobleck.common.modelconfig import validate_model_config
 from oobleck.worker import checkpoint as ckpt
 from oobleck.worker import layerstate, optim
 from oobleck.worker.data import DataPosition, GlobalOrder, make_dataset
+from oobleck.worker.drills import FaultPoint, Faults
 from oobleck.worker.exchange import LayersLost, RankFacts, plan_exchange
 from oobleck.worker.executor import StageExecutor
 from oobleck.worker.failures import communicating
@@ -50,7 +51,7 @@ from oobleck.worker.gradsync import GradSync, local_params, placement
 from oobleck.worker.layout import PlanSpec, RankAssignment, assign_ranks, layer_holders
 from oobleck.worker.models import ModelDef, param_dtype
 from oobleck.worker.rendezvous import DistInit, abort_group, destroy_group, join_group
-from oobleck.worker.step import CommFailed, FaultHook, StepFailed, StepResult, StepRunner
+from oobleck.worker.step import CommFailed, StepFailed, StepResult, StepRunner
 from oobleck.worker.transfers import run_copies
 
 __all__ = ["CommFailed", "DistInit", "LayersLost", "StepFailed", "StepResult", "TrainingEngine"]
@@ -86,7 +87,7 @@ class TrainingEngine:
         self.position = position or DataPosition()
         #: Test hook ``fn(step, phase)`` called at fixed points of a step (see :mod:`step`);
         #: raising there injects a deterministic fault.
-        self.fault_hook: FaultHook | None = None
+        self.faults: Faults | None = None  # fault injection (tests, drills), see worker.drills
         # bf16 autocast (parameters, optimizer state and transfers stay fp32); meant for GPUs, also
         # honoured on CPU so the code path is tested there.
         self.autocast_dtype = torch.bfloat16 if spec.precision == "bf16" else None
@@ -181,7 +182,7 @@ class TrainingEngine:
         raises :class:`StepFailed` if any rank failed, :class:`CommFailed` if a peer is gone."""
         self._voted = None
         try:
-            done = self.steps.run(self.position, self._params(), self.fault_hook)
+            done = self.steps.run(self.position, self._params(), self.faults)
         except CommFailed as exc:
             self._voted = exc.voted
             raise
@@ -245,16 +246,14 @@ class TrainingEngine:
         }
         return self.last_exchange
 
-    def reconfigure(
-        self, plan: PlanSpec, rank: int, init: DistInit, *, before_copy: Callable[[], None] | None = None
-    ) -> dict[str, float]:
+    def reconfigure(self, plan: PlanSpec, rank: int, init: DistInit) -> dict[str, float]:
         """Move to a new generation: keep this process's layer states, leave the old process
         group, join the new one as ``rank``, build the layers held under ``plan`` and copy the
         missing ones (parameters + optimizer state) from ranks that have them. Training resumes
         at the recorded position with the new batch split. Returns each phase's duration.
 
         Raises :class:`LayersLost` if some layer has no surviving copy (restore from checkpoint).
-        ``before_copy`` is called once the new process group is joined, before the copy (drills).
+        ``faults`` are called once the new process group is joined, before the copy (drills).
         """
         t0 = time.perf_counter()
         # A reconfiguration that failed half-way (a peer died during the rendezvous or the copy)
@@ -270,8 +269,8 @@ class TrainingEngine:
         self._teardown()
         self._setup(plan, rank, init)
         t2 = time.perf_counter()
-        if before_copy is not None:
-            before_copy()
+        if self.faults is not None:
+            self.faults.at(FaultPoint.BEFORE_COPY, plan.generation)
         try:
             phases = self._exchange(carried)
         except LayersLost:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from oobleck.common import planrules
 from oobleck.planner.types import Stage, Template
 
 
@@ -50,38 +51,19 @@ class PlanSpec:
         object.__setattr__(self, "pipelines", tuple(self.pipelines))
         object.__setattr__(self, "ranks", {int(k): tuple(v) for k, v in self.ranks.items()})
         object.__setattr__(self, "templates", dict(self.templates))
-        if not self.pipelines:
-            raise PlanError("pipelines: must not be empty")
-        if self.gpus_per_node < 1:
-            raise PlanError(f"gpus_per_node: must be >= 1, got {self.gpus_per_node}")
-        seen_nodes: set[int] = set()
-        for p, pipe in enumerate(self.pipelines):
-            if len(pipe.nodes) not in self.templates:
-                raise PlanError(f"pipelines[{p}]: no template for {len(pipe.nodes)} nodes")
-            for node in pipe.nodes:
-                if node in seen_nodes:
-                    raise PlanError(f"pipelines[{p}].nodes: node {node} is in more than one pipeline")
-                seen_nodes.add(node)
-                if node not in self.ranks:
-                    raise PlanError(f"ranks: node {node} has no ranks")
-        all_ranks: list[int] = []
-        for node in sorted(seen_nodes):
-            slots = self.ranks[node]
-            if len(slots) != self.gpus_per_node:
-                raise PlanError(f"ranks[{node}]: expected {self.gpus_per_node} ranks, got {len(slots)}")
-            all_ranks.extend(slots)
-        if sorted(all_ranks) != list(range(len(all_ranks))):
-            raise PlanError(f"ranks: the ranks of the plan's nodes must be 0..{len(all_ranks) - 1} once each")
         for size, tpl in self.templates.items():
             if tpl.num_nodes != size:
                 raise PlanError(f"templates[{size}]: template is for {tpl.num_nodes} nodes")
-            for node in range(tpl.num_nodes):
-                used = sum(s.gpus for s in tpl.stages if s.node == node)
-                if used != self.gpus_per_node:
-                    raise PlanError(
-                        f"templates[{size}]: node {node} uses {used} GPUs, expected gpus_per_node={self.gpus_per_node}"
-                    )
-        object.__setattr__(self, "world_size", len(all_ranks))
+        try:  # the rules the agent checks too (oobleck.common.planrules)
+            _, world_size = planrules.check_layout(
+                [planrules.PipelineShape(tuple(p.nodes), p.microbatches) for p in self.pipelines],
+                _template_shapes(self.templates.values()),
+                sorted(self.ranks.items()),
+                gpus_per_node=self.gpus_per_node,
+            )
+        except planrules.PlanRuleError as exc:
+            raise PlanError(str(exc)) from None
+        object.__setattr__(self, "world_size", world_size)
 
     @property
     def num_microbatches(self) -> int:
@@ -135,21 +117,21 @@ def transfers(size: int, my_lanes: int, my_lane: int, peer_ranks: Sequence[int])
     return out
 
 
-def _check_template(tpl: Template, num_layers: int) -> None:
-    end = 0
-    for i, stage in enumerate(tpl.stages):
-        a, b = stage.layers
-        if a != end or b <= a:
-            raise PlanError(f"templates[{tpl.num_nodes}].stages[{i}].layers: expected to start at {end}, got {[a, b]}")
-        end = b
-    if end != num_layers:
-        raise PlanError(f"templates[{tpl.num_nodes}]: stages cover {end} layers, the model has {num_layers}")
+def _template_shapes(templates) -> list[planrules.TemplateShape]:
+    return [
+        planrules.TemplateShape(
+            t.num_nodes, tuple(planrules.StageShape(s.layers[0], s.layers[1], s.node, s.gpus) for s in t.stages)
+        )
+        for t in templates
+    ]
 
 
 def assign_ranks(plan: PlanSpec, num_layers: int) -> tuple[RankAssignment, ...]:
     """Every rank's assignment, indexed by rank."""
-    for tpl in plan.templates.values():
-        _check_template(tpl, num_layers)
+    try:
+        planrules.check_layers(_template_shapes(plan.templates.values()), num_layers)
+    except planrules.PlanRuleError as exc:
+        raise PlanError(str(exc)) from None
     out: dict[int, RankAssignment] = {}
     offset = 0
     for p, pipe in enumerate(plan.pipelines):

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from oobleck.worker.drills import FailAt, FaultPoint
 from oobleck.worker.engine import TrainingEngine
 from oobleck.worker.rendezvous import DistInit
 from oobleck.worker.step import CommFailed, StepFailed
@@ -126,14 +127,8 @@ def train_ranks(rank: int, init: DistInit, spec, plan, steps: int, options: dict
     failed: list[int] = []
     if options.get("fail_at") and options["fail_at"][0] == rank:
         fail_step = options["fail_at"][1]
-        failed_once: list[int] = []
-
-        def hook(step: int, phase: str) -> None:
-            if step == fail_step and not failed_once:
-                failed_once.append(step)
-                raise RuntimeError(f"injected fault at rank {rank}, step {step}, {phase}")
-
-        engine.fault_hook = hook
+        message = f"injected fault at rank {rank}, step {fail_step}, {FaultPoint.BACKWARD_DONE}"
+        engine.faults = FailAt(fail_step, FaultPoint.BACKWARD_DONE, message)
     try:
         if options.get("load"):
             engine.load_checkpoint(options["load"])
@@ -173,12 +168,8 @@ def train_ranks(rank: int, init: DistInit, spec, plan, steps: int, options: dict
         engine.close()
 
 
-def _fail_vote_at(step: int):
-    def hook(at: int, phase: str) -> None:
-        if at == step and phase == "voted":
-            raise RuntimeError("simulated: the commit vote did not complete on this rank")
-
-    return hook
+def _fail_vote_at(step: int) -> FailAt:
+    return FailAt(step, FaultPoint.VOTED, "simulated: the commit vote did not complete on this rank", once=False)
 
 
 def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tuple]) -> dict:
@@ -220,10 +211,10 @@ def reconfigure_ranks(process: int, init: DistInit, spec, generations: list[tupl
                 step = engine.position.step
                 mode = uncommitted.get(process) if k == steps - 1 else None
                 if mode == "voted":
-                    engine.fault_hook = _fail_vote_at(step)
+                    engine.faults = _fail_vote_at(step)
                     with contextlib.suppress(CommFailed):
                         engine.train_step()
-                    engine.fault_hook = None
+                    engine.faults = None
                     continue
                 undo = (engine.export_layers(), engine.position) if mode == "lost" else None
                 losses[step] = engine.train_step().loss

@@ -13,42 +13,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from oobleck.common.planrules import PlanRuleError, check_endpoint, check_plan, plan_shape
 from oobleck.planner.types import Stage, Template
 from oobleck.worker.layout import PipelineSpec, PlanError, PlanSpec
 
 
 def plan_from_proto(msg: Any) -> PlanSpec:
-    """``msg``: an ``oobleck.protos.v1.plan_pb2.Plan``. GPUs per node = ranks per node."""
+    """``msg``: an ``oobleck.protos.v1.plan_pb2.Plan``, checked by the rules the agent checks too
+    (:mod:`oobleck.common.planrules`). GPUs per node = ranks per node."""
+    try:
+        check_plan(plan_shape(msg))
+    except PlanRuleError as exc:
+        raise PlanError(str(exc)) from None
     templates = {}
-    for i, t in enumerate(msg.templates):
+    for t in msg.templates:
         stages = tuple(
             Stage((s.layer_start, s.layer_end), node=s.node_index, gpus=s.gpus, latency_ms=0.0, memory_bytes=0)
             for s in t.stages
         )
-        if t.num_nodes in templates:
-            raise PlanError(f"templates[{i}]: a second template for {t.num_nodes} nodes")
         templates[t.num_nodes] = Template(
             num_nodes=t.num_nodes, stages=stages, iteration_ms=t.iteration_ms, bottleneck_ms=0.0
         )
     ranks = {r.node_id: tuple(r.ranks) for r in msg.ranks}
-    counts = {len(v) for v in ranks.values()}
-    if len(counts) != 1:
-        raise PlanError(f"ranks: every node must have the same number of ranks, got {sorted(counts)}")
     plan = PlanSpec(
         pipelines=tuple(PipelineSpec(tuple(p.node_ids), p.microbatches) for p in msg.pipelines),
         templates=templates,
         ranks=ranks,
-        gpus_per_node=counts.pop(),
+        gpus_per_node=len(next(iter(ranks.values()))),
         generation=msg.generation,
         job_id=msg.job_id,
     )
-    if msg.world_size and msg.world_size != plan.world_size:
-        raise PlanError(f"world_size: {msg.world_size}, but the rank map has {plan.world_size} ranks")
     return plan
-
-
-#: Shortest rendezvous secret accepted (the master sends 32 hex characters: 128 bits).
-MIN_SECRET_CHARS = 32
 
 
 @dataclass(frozen=True)
@@ -83,12 +78,10 @@ class GenerationPlan:
 def endpoint_from_proto(msg: Any) -> Endpoint:
     """The plan's rendezvous endpoint and its secret (never quoted in an error)."""
     endpoint = msg.rendezvous
-    if not endpoint.host or not endpoint.port:
-        raise PlanError("rendezvous: host and port required")
-    if endpoint.secret and len(endpoint.secret) < MIN_SECRET_CHARS:
-        raise PlanError(
-            f"rendezvous.secret: must be at least {MIN_SECRET_CHARS} characters, got {len(endpoint.secret)}"
-        )
+    try:
+        check_endpoint(endpoint.host, endpoint.port, endpoint.secret)
+    except PlanRuleError as exc:
+        raise PlanError(str(exc)) from None
     return Endpoint(host=endpoint.host, port=endpoint.port, secret=endpoint.secret)
 
 

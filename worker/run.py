@@ -207,9 +207,7 @@ class Worker:
         init = cmd.plan.rendezvous.dist_init(self.backend, self.settings.collective_timeout_s)
         t0 = time.perf_counter()
         try:
-            phases: dict[str, float] | None = self.engine.reconfigure(
-                plan, rank, init, before_copy=lambda: self.hold.wait_before_copy(self.generation)
-            )
+            phases: dict[str, float] | None = self.engine.reconfigure(plan, rank, init)
         except LayersLost as exc:
             if not cmd.plan.restore_from_checkpoint:
                 raise WorkerError(f"generation {cmd.generation}: {exc}, and the plan does not restore") from exc
@@ -253,6 +251,7 @@ class Worker:
                 dist.destroy_process_group()
             gc.collect()  # the half-built engine holds the groups: their connections close with it
             return False
+        self.engine.faults = self.hold  # its later reconfigurations wait before the copy while held
         self.rank = rank
         regroup_s = time.perf_counter() - t0
         restore_s = self._restore_or_leave(cmd)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 from oobleck.worker import optim
 from oobleck.worker.data import DataPosition, GlobalOrder, make_example
+from oobleck.worker.drills import FaultPoint, Faults
 from oobleck.worker.executor import StageExecutor, StepIO, TransferFailed
 from oobleck.worker.failures import PeerGone, communicating
 from oobleck.worker.gradsync import GradSync
@@ -31,10 +32,6 @@ from oobleck.worker.layout import RankAssignment, lane_range
 from oobleck.worker.schedule import make_schedule
 
 log = logging.getLogger(__name__)
-
-#: ``fn(step, phase)`` called at fixed points of a step (``"backward_done"``, ``"voted"``);
-#: raising there injects a deterministic fault (tests and drills).
-FaultHook = Callable[[int, str], None]
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,7 @@ class StepRunner:
         )
 
     def run(
-        self, position: DataPosition, params: Mapping[object, nn.Parameter], fault_hook: FaultHook | None = None
+        self, position: DataPosition, params: Mapping[object, nn.Parameter], faults: Faults | None = None
     ) -> Committed:
         """Collective: the step on the global batch at ``position`` (steps are numbered from 1 in
         messages: the step after ``position.step`` committed ones, as logs and reports do)."""
@@ -129,8 +126,8 @@ class StepRunner:
         loss_sum = torch.zeros((), dtype=torch.float64)
         try:
             loss_sum = self.executor.run(self.ops, self._io(batch, start.epoch))
-            if fault_hook is not None:
-                fault_hook(position.step, "backward_done")
+            if faults is not None:
+                faults.at(FaultPoint.BACKWARD_DONE, position.step)
         except TransferFailed as exc:
             # A neighbouring stage is gone. The other neighbour may be blocked on this rank (in a
             # pipeline of three or more stages): going on to the gradient sync with healthy peers
@@ -160,8 +157,8 @@ class StepRunner:
         try:
             with communicating("the commit vote failed"):
                 dist.all_reduce(agreed)
-                if fault_hook is not None:
-                    fault_hook(position.step, "voted")
+                if faults is not None:
+                    faults.at(FaultPoint.VOTED, position.step)
         except PeerGone as exc:
             # The vote did not complete here; it may have on other ranks (a peer died while it
             # ran). This rank's gradients are complete (every gradient all-reduce finished), so
