@@ -25,6 +25,7 @@ from oobleck.agent.readiness import Pending
 from oobleck.agent.workers import WorkerOrder
 from oobleck.common.jobspec import parse_job_spec
 from oobleck.common.planrules import PlanRuleError, PlanShape, check_plan, node_ranks
+from oobleck.common.profilekey import node_device
 from oobleck.common.validate import ConfigError
 from oobleck.common.version import version
 from oobleck.common.worker_link import RECONFIGURE, START
@@ -207,7 +208,11 @@ class CommandRunner:
             raise CommandError(f"profile.job_spec_yaml: {exc}") from None
         try:
             text = await run_profiler(
-                command.job_spec_yaml, a.work_dir, a.config.profile_timeout_s, tag=f"profile-{command.command_id}"
+                command.job_spec_yaml,
+                a.work_dir,
+                a.config.profile_timeout_s,
+                tag=f"profile-{command.command_id}",
+                device_key=node_device(a.config.slots, a.session.gpu_memory_bytes),
             )
         except ProfileFailed as exc:
             raise CommandError(f"profile: {exc}") from None

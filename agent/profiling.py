@@ -38,7 +38,13 @@ def _threads() -> str:
 
 
 async def run_profiler(
-    spec_yaml: str, work_dir: Path, timeout_s: float, *, argv: Sequence[str] | None = None, tag: str = "profile"
+    spec_yaml: str,
+    work_dir: Path,
+    timeout_s: float,
+    *,
+    argv: Sequence[str] | None = None,
+    tag: str = "profile",
+    device_key: str = "",
 ) -> str:
     """Measure the model of ``spec_yaml`` here; returns the ``oobleck-profile/1`` JSON text."""
     spec_path = work_dir / f"{tag}.yaml"
@@ -51,6 +57,7 @@ async def run_profiler(
         "--device", os.environ.get("OOBLECK_WORKER_DEVICE", "auto") or "auto",
         "--threads", _threads(),
         "--cache-dir", str(work_dir / "profile-cache"),
+        *(["--device-key", device_key] if device_key else []),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

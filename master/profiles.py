@@ -11,7 +11,6 @@ again. Everything here is blocking file I/O: call it off the event loop.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,23 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from oobleck.common.files import NotRegularFile, open_regular, read_bounded, write_json
+from oobleck.common.profilekey import node_device, profile_key
 
 log = logging.getLogger(__name__)
 
 
 def cache_key(spec: Any, slots: int, gpu_memory_bytes: int) -> str:
     """Key of a profile measured for ``spec`` on a node with ``slots`` slots and that GPU memory
-    (0: CPU)."""
-    key = {
-        "model": spec.model.name,
-        "config": spec.model.config,
-        "microbatch_size": spec.microbatch_size,
-        "seq_len": spec.data.seq_len,
-        "precision": spec.precision,
-        "device": f"gpu-{gpu_memory_bytes}" if gpu_memory_bytes > 0 else "cpu",
-        "slots": slots,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    per slot (0: CPU): the key the node's own profiler cache uses too (common/profilekey)."""
+    return profile_key(spec, node_device(slots, gpu_memory_bytes))
 
 
 def cache_path(state_file: str, key: str) -> Path:

@@ -4,12 +4,13 @@ For one microbatch size, each layer is run on realistic inputs (the previous lay
 forward and backward times are medians of ``runs`` timed runs after ``warmup`` untimed ones
 (the head's backward includes the loss); ``activation_bytes`` is the memory of the tensors the
 layer saves for backward (unique storages, parameters excluded), ``output_bytes`` the size of its
-output, ``param_bytes`` the size of its parameters. Results are cached in a directory under a key
-made of the model config, microbatch size, sequence length, precision and device name, so
-changing any of them invalidates the cache.
+output, ``param_bytes`` the size of its parameters. Results are cached in a directory under the key the
+master's profile cache uses too (:mod:`oobleck.common.profilekey`: the model config, microbatch
+size, sequence length, precision and the node's device kind), so changing any of them
+invalidates the cache.
 
 ``python -m oobleck.worker.profiler --spec JOB.yaml --out PROFILE.json [--device auto|cpu|cuda]
-[--cache-dir DIR]`` is what an agent runs for the master's ``Profile`` command: it writes the
+[--cache-dir DIR] [--device-key KIND]`` is what an agent runs for the master's ``Profile`` command: it writes the
 profile atomically to ``--out`` and exits 0; a bad job spec exits 2, any other failure 1, with
 one line on stderr.
 """
@@ -17,19 +18,18 @@ one line on stderr.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from oobleck.common.files import write_json
 from oobleck.common.modelconfig import validate_model_config
+from oobleck.common.profilekey import profile_key
 from oobleck.planner import PROFILE_FORMAT, parse_profile
 from oobleck.worker.data import make_dataset, make_example
 from oobleck.worker.models import ModelDef, per_sample_loss
@@ -139,23 +139,20 @@ def profile_model(spec, device: str | torch.device = "cpu", warmup: int = 2, run
     return profile
 
 
-def cache_key(spec, device: str | torch.device) -> str:
-    cfg = validate_model_config(spec)
-    key = {
-        "model": cfg.key(),
-        "microbatch_size": spec.microbatch_size,
-        "seq_len": spec.data.seq_len,
-        "precision": spec.precision,
-        "device": device_name(torch.device(device)),
-        "torch": torch.__version__,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+def cache_key(spec, device_key: str) -> str:
+    """The profile cache's key (:func:`oobleck.common.profilekey.profile_key`)."""
+    return profile_key(spec, device_key)
 
 
-def cached_profile(spec, cache_dir: str | Path, device: str | torch.device = "cpu", **kwargs) -> dict[str, Any]:
-    """The profile from ``cache_dir`` if one exists for this key, else measure and store it."""
+def cached_profile(
+    spec, cache_dir: str | Path, device: str | torch.device = "cpu", device_key: str | None = None, **kwargs
+) -> dict[str, Any]:
+    """The profile from ``cache_dir`` if one exists for this key, else measure and store it.
+    ``device_key``: the node's device kind as its agent names it (default: this device's name
+    and the torch version, for runs by hand)."""
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"profile-{cache_key(spec, device)}.json"
+    key = device_key or f"{device_name(torch.device(device))}/torch-{torch.__version__}"
+    path = cache_dir / f"profile-{cache_key(spec, key)}.json"
     if path.exists():
         try:
             data = json.loads(path.read_text())
@@ -164,11 +161,7 @@ def cached_profile(spec, cache_dir: str | Path, device: str | torch.device = "cp
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable cached profile %s: %s", path, exc)
     data = profile_model(spec, device, **kwargs)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile-", dir=cache_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, data, indent=1)
     return data
 
 
@@ -186,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--cache-dir", default=None, help="reuse and store profiles here (keyed, see above)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for the measurement (default 1)")
+    parser.add_argument("--device-key", default="", help="the node's device kind for the cache key (from its agent)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -200,12 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         torch.set_num_threads(max(1, args.threads))
     try:
-        data = cached_profile(spec, args.cache_dir, device) if args.cache_dir else profile_model(spec, device)
-        out = Path(args.out)
-        fd, tmp = tempfile.mkstemp(prefix=".profile-", dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, out)
+        if args.cache_dir:
+            data = cached_profile(spec, args.cache_dir, device, device_key=args.device_key or None)
+        else:
+            data = profile_model(spec, device)
+        write_json(Path(args.out), data, indent=1)
     except Exception as exc:  # one line for the agent's nack; the traceback goes to the log
         log.exception("profiling failed")
         print(f"profiler: {type(exc).__name__}: {exc}", file=sys.stderr)
