@@ -17,15 +17,13 @@ import grpc
 
 from oobleck.agent.readiness import ReadyReport
 from oobleck.agent.workers import StepReport, WorkerOrder
-from oobleck.common.worker_link import RECONFIGURE, START
+from oobleck.common.worker_link import MAX_MESSAGE_BYTES, RECONFIGURE, START  # plans for large clusters travel here
 from oobleck.protos.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:
     from oobleck.agent.daemon import Agent
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # plans for large clusters travel here
 
 
 def order_message(order: WorkerOrder) -> worker_pb2.WorkerCommand:

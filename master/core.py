@@ -265,11 +265,9 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
                 node.session.close("UNAVAILABLE", "master shutting down")
 
     # -- background tasks: every one has an owner that acts on its failure ---------------------------
-    def _spawn(
-        self, coro: Coroutine, on_error: Callable[[BaseException], Coroutine | None] | None = None
-    ) -> asyncio.Task:
-        """Run ``coro`` in the background. When it fails unexpectedly the error is logged and
-        ``on_error(exc)`` runs (a coroutine is run in turn); without one, logging is all."""
+    def _spawn(self, coro: Coroutine) -> asyncio.Task:
+        """Run ``coro`` in the background; an unexpected failure is logged (a task that must be
+        acted on when it fails handles that itself: see ``_owned``)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
 
@@ -278,10 +276,6 @@ class Master(SessionsMixin, DetectionMixin, ReportsMixin, JobsMixin, ProfilingMi
             if t.cancelled() or t.exception() is None:
                 return
             log.error("background task %s failed", coro.__qualname__, exc_info=t.exception())
-            if on_error is not None and not self.stopping:
-                follow = on_error(t.exception())
-                if follow is not None:
-                    self._spawn(follow)
 
         task.add_done_callback(done)
         return task

@@ -96,7 +96,7 @@ class EventLog:
         all of them, else None. Memory holds them in the order they were published, which may
         differ: an event's id is taken when it is created, and it is published once written
         (``state_write_failed`` can overtake an event whose write was under way)."""
-        if self.recent and since_id >= min(self.recent[0].id, self.recent[-1].id) - 1:
+        if self.recent and since_id >= min(e.id for e in self.recent) - 1:
             return sorted((e for e in self.recent if e.id > since_id), key=lambda e: e.id)
         return None
 

@@ -61,8 +61,7 @@ def install(
         for n, state in states.items():
             if n not in new and state in (NodeState.ALIVE, NodeState.SPARE):
                 moves.append((n, NodeState.SPARE, spares_reason))
-    moved = {n: s for n, s, _ in moves}
-    commands = [(n, "reconfigure") for n in staying if moved.get(n, states.get(n)) != NodeState.DEAD]
+    commands = [(n, "reconfigure") for n in staying if states.get(n) != NodeState.DEAD]
     commands += [(n, "start") for n in joining]
     commands += [(n, "drain") for n in draining]
     return Install(tuple(moves), tuple(commands))
